@@ -1,0 +1,264 @@
+"""The chat service: the flow of one chat, from a valid request to a stored answer.
+
+`ChatService.start` resolves the model and prompt, reads history, stores the new turn and
+returns a `ChatTurn`; `ChatTurn.run` streams the model's deltas to a transport's `send` and
+records how the turn ended. Nothing here knows HTTP, a store or a provider by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+import structlog
+
+from core.bus import EventBus
+from core.config import ChatConfig
+from core.events import (
+    ChatCancelled,
+    ChatCompleted,
+    ChatFailed,
+    ChatReceived,
+    ChatStarted,
+    FeedbackReceived,
+)
+from core.history import HistoryStore, MessageRecord, Outcome, Status
+from core.providers import Message, ModelCall, ModelRegistry, Provider, ProviderError, Usage
+from core.schemas import ChatRequest, FeedbackRequest
+from core.templates import PromptTemplates
+from core.web import ApiError
+
+log = structlog.get_logger("chatbus.chat")
+
+Send = Callable[[str], Awaitable[None]]
+
+
+class ClientDisconnected(Exception):
+    """Raised by a transport's `send` when the client is gone."""
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is asking: the request id for logs, the tenant that owns what is stored."""
+
+    request_id: str
+    tenant: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class TurnResult:
+    message_id: str
+    text: str
+    status: Status
+    error: ProviderError | None = None
+
+
+class ChatService:
+    def __init__(
+        self,
+        *,
+        config: ChatConfig,
+        default_model: str,
+        models: ModelRegistry,
+        prompts: PromptTemplates,
+        store: HistoryStore,
+        bus: EventBus,
+        hooks: pluggy.HookRelay,
+    ) -> None:
+        self.config = config
+        self.default_model = default_model
+        self.models = models
+        self.prompts = prompts
+        self.store = store
+        self.bus = bus
+        self._hooks = hooks
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def start(self, request: ChatRequest, caller: Caller) -> ChatTurn:
+        """Steps 2-5 of the flow; raises ApiError before anything is stored."""
+        model = request.model_name or self.default_model
+        provider = self.models.get(model)
+        if provider is None:
+            raise ApiError(
+                400,
+                "unknown_model",
+                f"model_name: unknown model '{model}' (configured: {', '.join(self.models.names)})",
+                field="model_name",
+            )
+        if request.prompt_name not in self.prompts:
+            raise ApiError(
+                400,
+                "unknown_prompt",
+                f"prompt_name: unknown prompt"
+                f" '{request.prompt_name}' (configured: {', '.join(self.prompts.names)})",
+                field="prompt_name",
+            )
+        record = MessageRecord(
+            message_id=uuid.uuid4().hex,
+            conversation_id=request.conversation_id,
+            query=request.query,
+            model=model,
+            tenant=caller.tenant,
+            created_at=time.time(),
+        )
+        turn = ChatTurn(self, provider, record, caller.request_id)
+        self.bus.publish(ChatReceived(**turn.ids, stream=request.stream))
+        history = await self._history(request, caller.tenant)
+        messages = [
+            *history,
+            {"role": "user", "content": self.prompts.render(request.prompt_name, request.query)},
+        ]
+        messages = self._hooks.prepare_messages(request=request, messages=messages)
+        turn.call = ModelCall(messages, request.temperature, request.max_tokens)
+        await self.store.add_message(record)
+        self.bus.publish(ChatStarted(**turn.ids, history_turns=len(history) // 2))
+        return turn
+
+    async def feedback(self, request: FeedbackRequest, caller: Caller) -> None:
+        record = await self.store.set_feedback(
+            caller.tenant, request.message_id, request.score, request.reason
+        )
+        if record is None:
+            raise ApiError(
+                404,
+                "not_found",
+                f"message_id: no message '{request.message_id}'",
+                field="message_id",
+            )
+        self.bus.publish(
+            FeedbackReceived(
+                message_id=record.message_id,
+                conversation_id=record.conversation_id,
+                tenant=record.tenant,
+                score=request.score,
+                reason=request.reason,
+            )
+        )
+
+    async def drain(self) -> None:
+        """Wait for turns still being recorded (after a disconnect) and their events."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.bus.drain()
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _history(self, request: ChatRequest, tenant: str) -> list[Message]:
+        if isinstance(request.history, list):
+            return [item.model_dump() for item in request.history]
+        limit = min(request.turns_to_read(), self.config.max_history_turns)
+        if limit == 0:
+            return []
+        turns = await self.store.recent_turns(tenant, request.conversation_id, limit)
+        messages: list[Message] = []
+        for turn in turns:
+            messages.append({"role": "user", "content": turn.query})
+            messages.append({"role": "assistant", "content": turn.response})
+        return messages
+
+
+class ChatTurn:
+    """One stored turn on its way: run it once."""
+
+    call: ModelCall
+
+    def __init__(
+        self, service: ChatService, provider: Provider, record: MessageRecord, request_id: str
+    ) -> None:
+        self._service = service
+        self._provider = provider
+        self.record = record
+        self.ids = {
+            "message_id": record.message_id,
+            "conversation_id": record.conversation_id,
+            "tenant": record.tenant,
+            "request_id": request_id,
+            "model": record.model,
+            "query": record.query,
+        }
+
+    @property
+    def message_id(self) -> str:
+        return self.record.message_id
+
+    async def run(self, send: Send | None = None) -> TurnResult:
+        """Stream the answer to `send` (if given); store and publish how it ended.
+
+        On cancellation or `ClientDisconnected` the upstream call is closed at once, the
+        partial text is recorded as `cancelled` in the background, and the error propagates.
+        """
+        parts: list[str] = []
+        usage: Usage | None = None
+        started = time.perf_counter()
+        first: float | None = None
+        try:
+            async with aclosing(self._provider.stream(self.call)) as pieces:
+                async for piece in pieces:
+                    if piece.__class__ is str:
+                        if first is None:
+                            first = time.perf_counter()
+                        parts.append(piece)
+                        if send is not None:
+                            await send(piece)
+                    elif isinstance(piece, Usage):
+                        usage = piece
+        except (asyncio.CancelledError, ClientDisconnected):
+            ended = _Ending(Status.CANCELLED, parts, usage, started, first)
+            self._service.spawn(self._finish(ended))
+            raise
+        except ProviderError as exc:
+            return await self._finish(_Ending(Status.FAILED, parts, usage, started, first, exc))
+        except Exception as exc:
+            log.exception("provider crashed", model=self.record.model)
+            error = ProviderError(f"the provider failed: {type(exc).__name__}")
+            return await self._finish(_Ending(Status.FAILED, parts, usage, started, first, error))
+        return await self._finish(_Ending(Status.COMPLETED, parts, usage, started, first))
+
+    async def _finish(self, end: _Ending) -> TurnResult:
+        text = "".join(end.parts)
+        latency = time.perf_counter() - end.started
+        first_token = end.first - end.started if end.first is not None else None
+        error = end.error
+        outcome = Outcome(text, end.status, end.usage, latency, error.type if error else None)
+        try:
+            await self._service.store.finish_message(self.message_id, outcome)
+        except Exception:
+            log.exception(
+                "could not store the end of a turn", message_id=self.message_id, status=end.status
+            )
+        common = {
+            **self.ids,
+            "text": text,
+            "usage": end.usage,
+            "latency": latency,
+            "first_token_latency": first_token,
+        }
+        if error is not None:
+            event: ChatCompleted | ChatFailed | ChatCancelled = ChatFailed(
+                **common, error_type=error.type, error_message=str(error)
+            )
+        elif end.status is Status.CANCELLED:
+            event = ChatCancelled(**common)
+        else:
+            event = ChatCompleted(**common)
+        self._service.bus.publish(event)
+        return TurnResult(self.message_id, text, end.status, error)
+
+
+@dataclass(slots=True)
+class _Ending:
+    status: Status
+    parts: list[str]
+    usage: Usage | None
+    started: float
+    first: float | None
+    error: ProviderError | None = None

@@ -1,0 +1,112 @@
+"""The `chatbus` command: `serve` the API, or `chat` from the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import uuid
+
+from pydantic import ValidationError
+
+from core.chat import Caller
+from core.config import Config, ConfigError, load_config
+from core.logs import configure_logging
+from core.schemas import ChatRequest
+from core.web import ApiError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+        return args.run(config, args)
+    except ConfigError as exc:
+        print(f"chatbus: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatbus", description=__doc__)
+    parser.add_argument("--config", help="TOML file (default: $CHATBUS_CONFIG or ./config.toml)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="serve the HTTP API")
+    serve.add_argument("--host", help="address to listen on (default: config, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: config, 7861)")
+    serve.set_defaults(run=_serve)
+
+    chat = commands.add_parser("chat", help="ask one question; the answer streams to stdout")
+    chat.add_argument("question")
+    chat.add_argument("--model", help="a configured model (default: default_model)")
+    chat.add_argument("--conversation", default="", help="conversation id to continue")
+    chat.add_argument(
+        "--history-len",
+        type=int,
+        default=10,
+        help="past turns of --conversation to send (default 10)",
+    )
+    chat.set_defaults(run=_chat)
+    return parser
+
+
+def _serve(config: Config, args: argparse.Namespace) -> int:
+    from core.server import serve
+
+    server = config.server.model_copy(
+        update={
+            key: value
+            for key, value in (("host", args.host), ("port", args.port))
+            if value is not None
+        }
+    )
+    asyncio.run(serve(config.model_copy(update={"server": server})))
+    return 0
+
+
+def _chat(config: Config, args: argparse.Namespace) -> int:
+    try:
+        request = ChatRequest.model_validate(
+            {
+                "query": args.question,
+                "model_name": args.model,
+                "stream": True,
+                "conversation_id": args.conversation,
+                "history_len": args.history_len,
+            },
+            context={"max_query_chars": config.chat.max_query_chars},
+        )
+    except ValidationError as exc:
+        print(f"chatbus: {exc.errors()[0]['msg']}", file=sys.stderr)
+        return 2
+    return asyncio.run(_chat_once(config, request))
+
+
+async def _chat_once(config: Config, request: ChatRequest) -> int:
+    from core.app import open_service
+
+    async def send(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    async with open_service(config) as service:
+        try:
+            turn = await service.start(request, Caller(request_id=uuid.uuid4().hex))
+        except ApiError as exc:
+            print(f"chatbus: {exc.message}", file=sys.stderr)
+            return 2
+        result = await turn.run(send)
+    print()
+    if result.error is not None:
+        print(f"chatbus: {result.error.type}: {result.error}", file=sys.stderr)
+        return 1
+    print(f"[message {result.message_id}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Configuration: a TOML file, overridden key by key from the environment.
+
+Precedence: `--config PATH`, else `$CHATBUS_CONFIG`, else `./config.toml` when it exists,
+else the built-in defaults below (offline echo model, SQLite file in the working directory).
+`CHATBUS_<SECTION>__<KEY>=value` overrides one key (`CHATBUS_SERVER__PORT=8000`); values
+are read as TOML scalars when they parse as one (`8000`, `true`), else as plain strings.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "CHATBUS_"
+ENV_CONFIG_PATH = "CHATBUS_CONFIG"
+DEFAULT_PROMPTS = {"default": "{{ input }}"}
+
+
+class ConfigError(Exception):
+    """A configuration problem, said in one line: where, which key, what is wrong."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(7861, ge=0, le=65535)
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    shutdown_grace_seconds: float = Field(30.0, ge=0)
+
+
+class ChatConfig(Section):
+    max_query_chars: int = Field(32_000, gt=0)
+    max_history_turns: int = Field(100, ge=0)
+    keepalive_seconds: float = Field(15.0, gt=0)
+
+
+class HistoryConfig(BaseModel):
+    """`backend` names the store; `[history.<backend>]` tables hold each store's options."""
+
+    model_config = ConfigDict(extra="allow")
+    backend: str = "sqlite"
+
+    def options(self) -> dict[str, Any]:
+        options = (self.model_extra or {}).get(self.backend, {})
+        if not isinstance(options, dict):
+            raise ConfigError(f"history.{self.backend}: expected a table of options")
+        return options
+
+
+class ModelConfig(BaseModel):
+    """One configured model: `provider` names the kind; other keys belong to that provider."""
+
+    model_config = ConfigDict(extra="allow")
+    provider: str
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class EventsConfig(Section):
+    timeout_seconds: float = Field(10.0, gt=0)
+
+
+class PluginsConfig(Section):
+    modules: list[str] = []
+
+
+class Config(Section):
+    default_model: str = "echo"
+    server: ServerConfig = ServerConfig()
+    chat: ChatConfig = ChatConfig()
+    history: HistoryConfig = HistoryConfig()
+    models: dict[str, ModelConfig] = {"echo": ModelConfig(provider="echo")}
+    prompts: dict[str, str] = DEFAULT_PROMPTS
+    events: EventsConfig = EventsConfig()
+    plugins: PluginsConfig = PluginsConfig()
+    # Where relative paths in the configuration are resolved from.
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Config:
+        if self.default_model not in self.models:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ValueError(f"'{self.default_model}' is not in [models] (configured: {known})")
+        if "default" not in self.prompts:
+            raise ValueError("[prompts] must define 'default'")
+        return self
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] = os.environ) -> Config:
+    """Read the configuration, apply environment overrides and validate it."""
+    chosen = path or environ.get(ENV_CONFIG_PATH)
+    file = Path(chosen) if chosen else Path("config.toml")
+    data: dict[str, Any] = {}
+    where = str(file)
+    if chosen or file.exists():
+        data = _read_toml(file)
+        data["base_dir"] = file.resolve().parent
+    else:
+        where = "built-in defaults"
+    for keys, value in env_overrides(environ):
+        _set_path(data, keys, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {first_problem(exc)}") from None
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any]]:
+    """`CHATBUS_A__B=v` becomes (["a", "b"], v); CHATBUS_CONFIG is not a key."""
+    found = []
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_PATH:
+            continue
+        keys = [part.lower() for part in name.removeprefix(ENV_PREFIX).split("__")]
+        if all(keys):
+            found.append((keys, _parse_scalar(raw)))
+    return found
+
+
+def _read_toml(file: Path) -> dict[str, Any]:
+    try:
+        with file.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _set_path(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        data = data.setdefault(key, {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"environment override {'.'.join(keys)}: {key} is not a table")
+    data[keys[-1]] = value
+
+
+def first_problem(exc: ValidationError, prefix: str = "") -> str:
+    """One line for a validation error: `prefix.key: message`."""
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in ([prefix] if prefix else []) + list(error["loc"]))
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{key}: {message}" if key else message

@@ -1,0 +1,89 @@
+"""The hooks chatbus calls. Each is documented in docs/plugins.md and tested.
+
+Registration hooks run once at start-up; lifecycle hooks run once per event, in the
+background, each with one frozen event object (`core.events`); they may be `async def`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import pluggy
+from aiohttp import web
+
+from core.events import (
+    ChatCancelled,
+    ChatCompleted,
+    ChatFailed,
+    ChatReceived,
+    ChatStarted,
+    FeedbackReceived,
+)
+from core.history import HistoryStoreFactory
+from core.providers import Message, ProviderFactory
+
+if TYPE_CHECKING:
+    from core.schemas import ChatRequest
+
+PROJECT = "chatbus"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Subscriber = Awaitable[None] | None
+
+
+@hookspec
+def register_providers(register: Callable[[str, ProviderFactory], None]) -> None:
+    """Add provider kinds: `register("my_kind", factory)`; config models name a kind."""
+
+
+@hookspec
+def register_history_stores(register: Callable[[str, HistoryStoreFactory], None]) -> None:
+    """Add history stores: `register("name", factory)`; `[history] backend` picks one."""
+
+
+@hookspec
+def register_routes(app: web.Application, router: web.UrlDispatcher) -> None:
+    """Add HTTP endpoints (transports and extensions)."""
+
+
+@hookspec(firstresult=True)
+def prepare_messages(request: ChatRequest, messages: list[Message]) -> list[Message] | None:
+    """Edit the messages sent to the model. Implement it as a wrapper:
+
+    @hookimpl(wrapper=True)
+    def prepare_messages(request, messages):
+        messages = yield
+        return [{"role": "system", "content": "Be brief."}, *messages]
+    """
+
+
+@hookspec
+def chat_received(event: ChatReceived) -> Subscriber:
+    """A valid chat request arrived (before anything is stored)."""
+
+
+@hookspec
+def chat_started(event: ChatStarted) -> Subscriber:
+    """The turn is stored and the model is being called."""
+
+
+@hookspec
+def chat_completed(event: ChatCompleted) -> Subscriber:
+    """The model finished; the whole answer is stored."""
+
+
+@hookspec
+def chat_failed(event: ChatFailed) -> Subscriber:
+    """The model call failed; the record says `failed`."""
+
+
+@hookspec
+def chat_cancelled(event: ChatCancelled) -> Subscriber:
+    """The client went away mid-answer; the partial answer is stored."""
+
+
+@hookspec
+def feedback_received(event: FeedbackReceived) -> Subscriber:
+    """A client rated an answer."""

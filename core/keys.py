@@ -1,0 +1,13 @@
+"""Typed keys for what the aiohttp app holds; routes and plugins read them."""
+
+from __future__ import annotations
+
+import pluggy
+from aiohttp import web
+
+from core.chat import ChatService
+from core.config import Config
+
+CONFIG = web.AppKey("config", Config)
+PLUGINS = web.AppKey("plugins", pluggy.PluginManager)
+SERVICE = web.AppKey("chat_service", ChatService)

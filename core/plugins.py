@@ -1,0 +1,70 @@
+"""The plugin manager factory: built-ins, then installed entry points, then config modules."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pluggy
+
+from core import hookspecs
+from core.config import ConfigError
+from core.history import HistoryStoreFactory
+from core.hookspecs import PROJECT, hookimpl
+from core.providers import Message, ProviderFactory
+
+BUILTIN_PLUGINS = (
+    "plugins.history_sqlite",
+    "plugins.providers.echo",
+    "plugins.providers.openai_compat",
+    "plugins.transports.sse",
+)
+
+
+class CoreDefaults:
+    """What happens when no plugin says otherwise."""
+
+    @hookimpl(trylast=True)
+    def prepare_messages(self, messages: list[Message]) -> list[Message]:
+        return messages
+
+
+def make_plugin_manager(
+    modules: Iterable[str] = (), *, builtins: bool = True, entry_points: bool = True
+) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(CoreDefaults(), "core")
+    for name in BUILTIN_PLUGINS if builtins else ():
+        pm.register(importlib.import_module(name), name)
+    if entry_points:
+        pm.load_setuptools_entrypoints(PROJECT)
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"plugins.modules: cannot import '{name}': {exc}") from None
+        if not pm.is_registered(module):
+            pm.register(module, name)
+    return pm
+
+
+def provider_factories(pm: pluggy.PluginManager) -> dict[str, ProviderFactory]:
+    return _collect(pm.hook.register_providers, "provider kind")
+
+
+def history_store_factories(pm: pluggy.PluginManager) -> dict[str, HistoryStoreFactory]:
+    return _collect(pm.hook.register_history_stores, "history store")
+
+
+def _collect(hook: pluggy.HookCaller, what: str) -> dict[str, Any]:
+    found: dict[str, Callable[..., Any]] = {}
+
+    def register(name: str, factory: Callable[..., Any]) -> None:
+        if name in found:
+            raise ConfigError(f"{what} '{name}' is registered twice")
+        found[name] = factory
+
+    hook(register=register)
+    return found

@@ -1,0 +1,27 @@
+"""The HTTP routes core owns. The chat endpoints themselves come from transport plugins."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from core.chat import Caller
+from core.keys import SERVICE
+from core.schemas import FeedbackRequest
+from core.web import REQUEST_ID, json_response, read_body
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_post("/chat/feedback", feedback)
+
+
+def caller_of(request: web.Request) -> Caller:
+    return Caller(request_id=request[REQUEST_ID])
+
+
+async def feedback(request: web.Request) -> web.Response:
+    """chatchat's feedback: 200 `{"code": 200, ...}`; an unknown message is a 404."""
+    body = await read_body(request, FeedbackRequest)
+    await request.app[SERVICE].feedback(body, caller_of(request))
+    return json_response(
+        {"code": 200, "msg": f"feedback recorded for {body.message_id}", "data": None}
+    )

@@ -1,0 +1,69 @@
+"""Request bodies, validated with pydantic at the edge (never per token)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+
+class HistoryMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["user", "assistant", "system"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    """chatchat 0.2.x `/chat/chat` body; unknown keys are ignored, as chatchat clients
+    send keys of later versions."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    query: str
+    conversation_id: str = Field("", max_length=128)
+    history_len: int = -1
+    # A list is used as is; an integer N reads N turns of `conversation_id` from the store.
+    history: list[HistoryMessage] | int = []
+    stream: bool = False
+    model_name: str | None = None  # None: the configured default model
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    max_tokens: int | None = None  # None or <= 0: the model's own limit
+    prompt_name: str = "default"
+
+    @field_validator("query")
+    @classmethod
+    def _query_not_blank(cls, query: str, info: ValidationInfo) -> str:
+        if not query.strip():
+            raise ValueError("must not be empty")
+        limit = (info.context or {}).get("max_query_chars")
+        if limit is not None and len(query) > limit:
+            raise ValueError(f"must be at most {limit} characters (got {len(query)})")
+        return query
+
+    @field_validator("history", mode="before")
+    @classmethod
+    def _history_shape(cls, history: object) -> object:
+        if isinstance(history, bool) or not isinstance(history, list | int):
+            raise ValueError("must be a list of {role, content} messages or a number of turns")
+        return history
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _non_positive_is_none(cls, max_tokens: int | None) -> int | None:
+        return max_tokens if max_tokens is not None and max_tokens > 0 else None
+
+    def turns_to_read(self) -> int:
+        """How many past turns to read from the store (0 when the history is given)."""
+        if isinstance(self.history, list):
+            if self.history or not self.conversation_id:
+                return 0
+            return max(self.history_len, 0)
+        return max(self.history, 0) if self.conversation_id else 0
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    message_id: str = Field(min_length=1, max_length=64)
+    score: int = Field(ge=0, le=100)
+    reason: str = Field("", max_length=10_000)

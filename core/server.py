@@ -1,0 +1,51 @@
+"""Running the app: one way to start it, for the CLI and the tests alike."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+from aiohttp import web
+
+from core.app import create_app
+from core.config import Config
+
+log = structlog.get_logger("chatbus.server")
+
+
+async def start(app: web.Application, host: str, port: int, grace: float) -> web.AppRunner:
+    """Start serving `app`; `runner.addresses` tells the bound port when `port` is 0."""
+    # A client that disconnects cancels its handler at once, which cancels the upstream call.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=grace)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, backlog=4096).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+async def serve(config: Config) -> None:
+    """Serve until SIGINT or SIGTERM, then stop accepting and let streams finish."""
+    app = create_app(config)
+    server = config.server
+    runner = await start(app, server.host, server.port, server.shutdown_grace_seconds)
+    host, port = runner.addresses[0][:2]
+    log.info(
+        "ready",
+        url=f"http://{host}:{port}",
+        default_model=config.default_model,
+        store=config.history.backend,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping", grace_seconds=server.shutdown_grace_seconds)
+    finally:
+        await runner.cleanup()
+        log.info("stopped")

@@ -1,0 +1,96 @@
+"""HTTP plumbing shared by every route: request ids, JSON errors, validated bodies."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any, TypeVar
+
+import orjson
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+log = structlog.get_logger("chatbus.web")
+M = TypeVar("M", bound=BaseModel)
+REQUEST_ID = "request_id"
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class ApiError(Exception):
+    """An error the client caused or must know about, answered as JSON."""
+
+    def __init__(
+        self, status: int, type: str, message: str, field: str | None = None, **extra: Any
+    ) -> None:
+        super().__init__(message)
+        self.status, self.type, self.message, self.field = status, type, message, field
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"type": self.type, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        return {"error": error, **self.extra}
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Give every request an id (the caller's X-Request-Id when sane) and JSON errors."""
+    given = request.headers.get("X-Request-Id", "")
+    request_id = given if _SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = json_response(exc.body(), exc.status)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = _http_error(exc)
+        except Exception:
+            log.exception("unhandled error", path=request.path)
+            response = json_response(
+                {
+                    "error": {
+                        "type": "internal_error",
+                        "message": f"internal error; request id {request_id}",
+                    }
+                },
+                500,
+            )
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def _http_error(exc: web.HTTPException) -> web.Response:
+    kind = exc.reason.lower().replace(" ", "_")
+    response = json_response({"error": {"type": kind, "message": exc.reason}}, exc.status)
+    for name in ("Allow",):
+        if name in exc.headers:
+            response.headers[name] = exc.headers[name]
+    return response
+
+
+async def read_body(request: web.Request, schema: type[M], **context: Any) -> M:
+    """Parse and validate a JSON body; any problem is a 4xx naming the field."""
+    raw = await request.read()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "validation_error", "the body must be a JSON object")
+    try:
+        return schema.model_validate(data, context=context)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        raise ApiError(422, "validation_error", f"{field}: {message}", field=field) from None
