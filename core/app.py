@@ -23,7 +23,7 @@ from core.keys import CONFIG, PLUGINS, SERVICE
 from core.plugins import history_store_factories, make_plugin_manager, provider_factories
 from core.providers import ModelRegistry
 from core.templates import PromptTemplates
-from core.web import request_context
+from core.web import add_request_id, request_context
 
 
 def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Application:
@@ -31,6 +31,7 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     app = web.Application(
         middlewares=[request_context], client_max_size=config.server.max_body_bytes
     )
+    app.on_response_prepare.append(add_request_id)
     app[CONFIG] = config
     app[PLUGINS] = pm
     app.cleanup_ctx.append(_service_ctx)

@@ -153,7 +153,7 @@ class ChatService:
         task.add_done_callback(self._background.discard)
 
     async def _history(self, request: ChatRequest, tenant: str) -> list[Message]:
-        if isinstance(request.history, list):
+        if isinstance(request.history, list) and request.history:
             return [item.model_dump() for item in request.history]
         limit = min(request.turns_to_read(), self.config.max_history_turns)
         if limit == 0:

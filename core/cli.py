@@ -69,19 +69,21 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
 
 
 def _chat(config: Config, args: argparse.Namespace) -> int:
+    conversation = args.conversation or uuid.uuid4().hex  # so a next call can continue it
     try:
         request = ChatRequest.model_validate(
             {
                 "query": args.question,
                 "model_name": args.model,
                 "stream": True,
-                "conversation_id": args.conversation,
+                "conversation_id": conversation,
                 "history_len": args.history_len,
             },
             context={"max_query_chars": config.chat.max_query_chars},
         )
     except ValidationError as exc:
-        print(f"chatbus: {exc.errors()[0]['msg']}", file=sys.stderr)
+        error = exc.errors()[0]
+        print(f"chatbus: {error['loc'][0]}: {error['msg']}", file=sys.stderr)
         return 2
     return asyncio.run(_chat_once(config, request))
 
@@ -104,7 +106,7 @@ async def _chat_once(config: Config, request: ChatRequest) -> int:
     if result.error is not None:
         print(f"chatbus: {result.error.type}: {result.error}", file=sys.stderr)
         return 1
-    print(f"[message {result.message_id}]", file=sys.stderr)
+    print(f"[conversation {request.conversation_id}, message {result.message_id}]", file=sys.stderr)
     return 0
 
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 log = structlog.get_logger("chatbus.web")
 M = TypeVar("M", bound=BaseModel)
-REQUEST_ID = "request_id"
+REQUEST_ID = web.RequestKey("request_id", str)
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -64,9 +64,13 @@ async def request_context(request: web.Request, handler: Any) -> web.StreamRespo
                 },
                 500,
             )
-    if not response.prepared:
-        response.headers["X-Request-Id"] = request_id
     return response
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: every response, streamed ones too, names its request id."""
+    if REQUEST_ID in request:
+        response.headers["X-Request-Id"] = request[REQUEST_ID]
 
 
 def _http_error(exc: web.HTTPException) -> web.Response:
@@ -91,6 +95,16 @@ async def read_body(request: web.Request, schema: type[M], **context: Any) -> M:
         return schema.model_validate(data, context=context)
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = ".".join(str(part) for part in error["loc"])
+        field = _field_path(error["loc"])
         message = error["msg"].removeprefix("Value error, ")
         raise ApiError(422, "validation_error", f"{field}: {message}", field=field) from None
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    # pydantic names the member of a union in the path ("history.list[HistoryMessage].0");
+    # a client wants the path in its own JSON ("history.0").
+    return ".".join(str(part) for part in loc if not _is_type_tag(part))
+
+
+def _is_type_tag(part: int | str) -> bool:
+    return isinstance(part, str) and ("[" in part or part in {"int", "str", "float", "bool"})

@@ -1,0 +1,175 @@
+"""Fixtures: a fake upstream and a real chatbus server, both on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from core.app import create_app
+from core.config import Config
+from core.events import Event
+from core.history import HistoryStore
+from core.hookspecs import hookimpl
+from core.keys import SERVICE
+from core.plugins import make_plugin_manager
+from core.server import start
+from tests.fake_upstream import FakeUpstream
+from tests.sse import Stream, read_sse
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+class EventRecorder:
+    """A plugin subscribed to every lifecycle event."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self._arrived = asyncio.Event()
+
+    def _record(self, event: Event) -> None:
+        self.events.append(event)
+        self._arrived.set()
+
+    @hookimpl
+    def chat_received(self, event: Event) -> None:
+        self._record(event)
+
+    @hookimpl
+    def chat_started(self, event: Event) -> None:
+        self._record(event)
+
+    @hookimpl
+    def chat_completed(self, event: Event) -> None:
+        self._record(event)
+
+    @hookimpl
+    def chat_failed(self, event: Event) -> None:
+        self._record(event)
+
+    @hookimpl
+    def chat_cancelled(self, event: Event) -> None:
+        self._record(event)
+
+    @hookimpl
+    def feedback_received(self, event: Event) -> None:
+        self._record(event)
+
+    def of(self, hook: str) -> list[Event]:
+        return [event for event in self.events if event.hook == hook]
+
+    async def wait_for(self, hook: str, count: int = 1) -> list[Event]:
+        """Wait (5 s at most) until `count` events of `hook` arrived."""
+        async with asyncio.timeout(5):
+            while len(self.of(hook)) < count:
+                self._arrived.clear()
+                await self._arrived.wait()
+        return self.of(hook)
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def make_config(tmp_path: Path, upstream: FakeUpstream | None = None, **extra: Any) -> Config:
+    models: dict[str, Any] = {"echo": {"provider": "echo"}}
+    if upstream is not None:
+        models["fake"] = {
+            "provider": "openai_compat",
+            "base_url": upstream.base_url,
+            "model": "fake-model",
+            "read_timeout": 5,
+        }
+    data = {
+        "default_model": "echo",
+        "models": models,
+        "history": {"backend": "sqlite", "sqlite": {"path": "chat.db"}},
+        "prompts": {"default": "{{ input }}", "py": "Code: {{ input }}"},
+        "base_dir": tmp_path,
+    }
+    return Config.model_validate(deep_merge(data, extra))
+
+
+@dataclass
+class Chatbus:
+    """A running chatbus on loopback and a client session to talk to it."""
+
+    url: str
+    app: web.Application
+    http: aiohttp.ClientSession
+    events: EventRecorder
+    runner: web.AppRunner
+    closed: bool = field(default=False)
+
+    @property
+    def store(self) -> HistoryStore:
+        return self.app[SERVICE].store
+
+    def post(self, path: str, body: Any) -> Any:
+        return self.http.post(self.url + path, json=body)
+
+    async def chat(self, **body: Any) -> Stream:
+        """POST /chat/chat with stream=true and parse the event stream."""
+        async with self.post("/chat/chat", {"stream": True, **body}) as response:
+            return await read_sse(response)
+
+    async def chat_json(self, **body: Any) -> tuple[int, dict[str, Any]]:
+        async with self.post("/chat/chat", {"stream": False, **body}) as response:
+            return response.status, await response.json()
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.http.close()
+            await self.runner.cleanup()
+
+
+StartChatbus = Callable[..., Awaitable[Chatbus]]
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def start_chatbus(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[StartChatbus]:
+    """Start a chatbus with `make_config` plus overrides and extra plugins."""
+    started: list[Chatbus] = []
+
+    async def starter(*plugins: object, **overrides: Any) -> Chatbus:
+        config = make_config(tmp_path, upstream, **overrides)
+        pm = make_plugin_manager(config.plugins.modules)
+        recorder = EventRecorder()
+        for plugin in (recorder, *plugins):
+            pm.register(plugin)
+        app = create_app(config, pm)
+        runner = await start(app, "127.0.0.1", 0, grace=1.0)
+        port = runner.addresses[0][1]
+        http = aiohttp.ClientSession()
+        bus = Chatbus(f"http://127.0.0.1:{port}", app, http, recorder, runner)
+        started.append(bus)
+        return bus
+
+    yield starter
+    for bus in started:
+        await bus.close()
+
+
+@pytest.fixture
+async def chatbus(start_chatbus: StartChatbus) -> Chatbus:
+    return await start_chatbus()

@@ -1,0 +1,376 @@
+"""A real, in-process fake of an OpenAI-compatible chat completions upstream.
+
+Used by the test suite and by the benchmark: it listens on a real TCP port, streams
+Server-Sent Events exactly the way OpenAI does, and can be told to be slow, fail, or break
+mid-stream. Mutate ``FakeUpstream.behaviour`` to change what the next requests get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import re
+import time
+from copy import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+__all__ = ["DEFAULT_TOKENS", "Behaviour", "FakeUpstream", "Received"]
+
+DEFAULT_TOKENS: tuple[str, ...] = ("Hello", " from", " fake", " upstream")
+MODEL_ID = "fake-model"
+
+_DONE = b"data: [DONE]\n\n"
+_MALFORMED = b"data: {not json\n\n"
+_PIECE_SUFFIX = b'},"finish_reason":null}]}\n\n'
+_WORD = re.compile(r"\s*\S+")
+_ids = itertools.count(1)
+
+# status -> (OpenAI error "type", "code")
+_ERROR_KINDS: dict[int, tuple[str, str | None]] = {
+    400: ("invalid_request_error", "bad_request"),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("permission_error", "forbidden"),
+    404: ("invalid_request_error", "model_not_found"),
+    408: ("timeout_error", "timeout"),
+    413: ("invalid_request_error", "request_too_large"),
+    422: ("invalid_request_error", "unprocessable_entity"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+}
+
+
+@dataclass
+class Behaviour:
+    """What the next chat completion requests get; tests mutate ``upstream.behaviour``.
+
+    The ``*_after`` faults are checked before piece N is sent (N may equal the piece count).
+    Without streaming, ``break_after`` aborts instead of answering, and ``malformed_after`` /
+    ``error_event_after`` replace the whole JSON body.
+    """
+
+    tokens: list[str] | None = None
+    """Pieces to stream; None means DEFAULT_TOKENS, or the last user message if ``echo``."""
+    token_count: int | None = None
+    """Stream this many pieces ``"tok0 "``, ``"tok1 "``, ... (bench mode; beats ``tokens``)."""
+    delay: float = 0.0
+    """Seconds to pause before every piece after the first, and before the final chunk."""
+    first_delay: float = 0.0
+    """Seconds to wait before the response headers are sent."""
+    fail_status: int | None = None
+    """Answer with this HTTP status and an OpenAI-shaped JSON error body."""
+    fail_message: str = "fake failure"
+    retry_after: str | None = None
+    """``Retry-After`` header sent along with ``fail_status``."""
+    break_after: int | None = None
+    """Abort the TCP connection after this many pieces (no final chunk, no [DONE])."""
+    malformed_after: int | None = None
+    """Inject a ``data: {not json`` frame after this many pieces, then carry on."""
+    error_event_after: int | None = None
+    """Send ``data: {"error": ...}`` then ``[DONE]`` after this many pieces (vLLM style)."""
+    usage: bool = True
+    """Report usage (streaming: only if the request asks ``stream_options.include_usage``)."""
+    echo: bool = False
+    """Stream back the last user message, split into word-sized pieces."""
+
+
+@dataclass
+class Received:
+    """One request seen on ``/v1/chat/completions``."""
+
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+def _text(content: Any) -> str:
+    """Plain text of a message ``content`` (a string or a list of content parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return []
+    return [m for m in messages if isinstance(m, dict)]
+
+
+def _pieces(b: Behaviour, body: dict[str, Any]) -> tuple[list[str], str]:
+    """The pieces to send for this request and the finish reason, honouring max_tokens."""
+    limit = body.get("max_completion_tokens")
+    if limit is None:
+        limit = body.get("max_tokens")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        limit = None
+    if b.token_count is not None:
+        total = b.token_count
+        n = total if limit is None else min(total, limit)
+        pieces = [f"tok{i} " for i in range(n)]
+        return pieces, "length" if n < total else "stop"
+    if b.tokens is not None:
+        pieces = list(b.tokens)
+    elif b.echo:
+        last = next(
+            (_text(m.get("content")) for m in reversed(_messages(body)) if m.get("role") == "user"),
+            "",
+        )
+        pieces = _WORD.findall(last)
+    else:
+        pieces = list(DEFAULT_TOKENS)
+    if limit is not None and len(pieces) > limit:
+        return pieces[:limit], "length"
+    return pieces, "stop"
+
+
+def _usage(body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
+    prompt = sum(len(_text(m.get("content")).split()) for m in _messages(body))
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt + completion_tokens,
+    }
+
+
+def _error_body(status: int, message: str) -> dict[str, Any]:
+    kind, code = _ERROR_KINDS.get(
+        status, ("server_error", None) if status >= 500 else ("invalid_request_error", None)
+    )
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def _error_event(message: str) -> dict[str, Any]:
+    """The error object vLLM and friends send in place of a chunk."""
+    return {"error": {"message": message, "type": "server_error", "code": 500}}
+
+
+def _error_response(status: int, message: str, retry_after: str | None = None) -> web.Response:
+    headers = {"Retry-After": retry_after} if retry_after is not None else None
+    return web.Response(
+        status=status,
+        body=orjson.dumps(_error_body(status, message)),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+class FakeUpstream:
+    """A fake OpenAI-compatible server on 127.0.0.1; use as an async context manager."""
+
+    def __init__(self, behaviour: Behaviour | None = None) -> None:
+        self.behaviour: Behaviour = behaviour if behaviour is not None else Behaviour()
+        self.received: list[Received] = []
+        self.base_url: str = ""
+        self.open_streams: int = 0
+        self.closed_early: int = 0
+        self._closed_event = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._closing = False
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        self._app = app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Listen on ``host:port`` (0 = ephemeral) and set ``base_url``."""
+        runner = web.AppRunner(
+            self._app, handler_cancellation=True, access_log=None, shutdown_timeout=0.25
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+        await site.start()
+        self._runner = runner
+        self._closing = False
+        bound_port = runner.addresses[0][1]
+        self.base_url = f"http://{host}:{bound_port}/v1"
+
+    async def close(self) -> None:
+        """Stop listening and drop any streams still open (not counted as ``closed_early``)."""
+        if self._runner is None:
+            return
+        self._closing = True
+        runner, self._runner = self._runner, None
+        await runner.cleanup()
+
+    async def __aenter__(self) -> FakeUpstream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def wait_for_close(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """True once a response ended because its client went away early, else False."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._closed_event.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _client_gone(self) -> None:
+        if not self._closing:
+            self.closed_early += 1
+            self._closed_event.set()
+
+    async def _models(self, request: web.Request) -> web.Response:
+        body = {
+            "object": "list",
+            "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "fake"}],
+        }
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            parsed = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        body: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
+        self.received.append(Received(request.path, dict(request.headers), body))
+        b = copy(self.behaviour)
+        try:
+            if b.first_delay:
+                await asyncio.sleep(b.first_delay)
+            if not isinstance(parsed, dict):
+                return _error_response(400, "request body must be a JSON object")
+            if b.fail_status is not None:
+                return _error_response(b.fail_status, b.fail_message, b.retry_after)
+            pieces, finish = _pieces(b, body)
+            if body.get("stream"):
+                return await self._stream(request, b, body, pieces, finish)
+            return await self._complete(request, b, body, pieces, finish)
+        except asyncio.CancelledError:
+            self._client_gone()
+            raise
+
+    async def _complete(
+        self,
+        request: web.Request,
+        b: Behaviour,
+        body: dict[str, Any],
+        pieces: list[str],
+        finish: str,
+    ) -> web.StreamResponse:
+        if b.delay and pieces:
+            await asyncio.sleep(b.delay * len(pieces))
+        if b.break_after is not None:
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response()
+        if b.malformed_after is not None:
+            return web.Response(body=b"{not json", content_type="application/json")
+        if b.error_event_after is not None:
+            body_bytes = orjson.dumps(_error_event(b.fail_message))
+            return web.Response(body=body_bytes, content_type="application/json")
+        answer: dict[str, Any] = {
+            "id": f"chatcmpl-fake{next(_ids)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", MODEL_ID),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(pieces)},
+                    "finish_reason": finish,
+                }
+            ],
+        }
+        if b.usage:
+            answer["usage"] = _usage(body, len(pieces))
+        return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
+    async def _stream(
+        self,
+        request: web.Request,
+        b: Behaviour,
+        body: dict[str, Any],
+        pieces: list[str],
+        finish: str,
+    ) -> web.StreamResponse:
+        head: dict[str, Any] = {
+            "id": f"chatcmpl-fake{next(_ids)}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body.get("model", MODEL_ID),
+        }
+        # Every piece frame is prefix + orjson.dumps(piece) + suffix: one concat, one write.
+        common = b"data: " + orjson.dumps(head)[:-1] + b',"choices":[{"index":0,"delta":{'
+        first_prefix = common + b'"role":"assistant","content":'
+        prefix = common + b'"content":'
+        options = body.get("stream_options")
+        want_usage = b.usage and isinstance(options, dict) and bool(options.get("include_usage"))
+        dumps = orjson.dumps
+        n = len(pieces)
+
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+            }
+        )
+        self.open_streams += 1
+        try:
+            await resp.prepare(request)
+            write = resp.write
+            if n == 0:
+                await write(first_prefix + b'""' + _PIECE_SUFFIX)
+            for i in range(n + 1):
+                if i and b.delay:
+                    await asyncio.sleep(b.delay)
+                if i == b.break_after:
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return resp
+                if i == b.malformed_after:
+                    await write(_MALFORMED)
+                if i == b.error_event_after:
+                    await write(b"data: " + dumps(_error_event(b.fail_message)) + b"\n\n")
+                    await write(_DONE)
+                    return resp
+                if i == n:
+                    break
+                await write((prefix if i else first_prefix) + dumps(pieces[i]) + _PIECE_SUFFIX)
+            last = dict(head, choices=[{"index": 0, "delta": {}, "finish_reason": finish}])
+            await write(b"data: " + dumps(last) + b"\n\n")
+            if want_usage:
+                tail = dict(head, choices=[], usage=_usage(body, n))
+                await write(b"data: " + dumps(tail) + b"\n\n")
+            await write(_DONE)
+            await resp.write_eof()
+        except ConnectionError:
+            self._client_gone()
+        finally:
+            self.open_streams -= 1
+        return resp
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="Run the fake OpenAI-compatible upstream.")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--token-count", type=int, default=None, help="pieces per answer")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds between pieces")
+    args = parser.parse_args()
+
+    async def run() -> None:
+        upstream = FakeUpstream(Behaviour(token_count=args.token_count, delay=args.delay))
+        await upstream.start(port=args.port)
+        print(f"fake upstream at {upstream.base_url}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await upstream.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,377 @@
+"""The flow of one chat (core/chat.py), driven over HTTP: models, prompts, history,
+validation, what reaches the upstream, and the lifecycle events."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from typing import Any
+
+import pytest
+
+from core.events import ChatCompleted, ChatReceived, ChatStarted
+from core.history import Status
+from core.hookspecs import hookimpl
+from tests.conftest import Chatbus, StartChatbus
+from tests.fake_upstream import FakeUpstream
+
+
+def stored_rows(chatbus: Chatbus) -> list[tuple[Any, ...]]:
+    path = chatbus.store.path  # type: ignore[attr-defined]
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT query, response, status FROM messages ORDER BY seq").fetchall()
+
+
+async def test_what_the_upstream_receives(chatbus: Chatbus, upstream: FakeUpstream) -> None:
+    stream = await chatbus.chat(query="Hi", model_name="fake", temperature=0.2, max_tokens=50)
+    assert stream.text == "Hello from fake upstream"
+    body = upstream.received[-1].body
+    assert body["messages"] == [{"role": "user", "content": "Hi"}]
+    assert body["temperature"] == 0.2
+    assert body["max_tokens"] == 50
+    assert body["model"] == "fake-model"
+    assert body["stream"] is True
+
+
+@pytest.mark.parametrize("max_tokens", [None, 0, -1])
+async def test_null_or_non_positive_max_tokens_is_not_sent(
+    chatbus: Chatbus, upstream: FakeUpstream, max_tokens: int | None
+) -> None:
+    await chatbus.chat(query="Hi", model_name="fake", max_tokens=max_tokens)
+    body = upstream.received[-1].body
+    assert "max_tokens" not in body
+    assert body["temperature"] == 0.7
+
+
+async def test_default_model_and_completed_record(chatbus: Chatbus) -> None:
+    stream = await chatbus.chat(query="one two three", conversation_id="c1")
+    (message_id,) = stream.message_ids
+    record = await chatbus.store.get_message("default", message_id)
+    assert record is not None
+    assert (record.model, record.query, record.response) == ("echo", "one two three", stream.text)
+    assert record.status is Status.COMPLETED
+    assert record.conversation_id == "c1"
+    assert record.usage is not None and record.usage.completion_tokens == 3
+    assert record.latency is not None and record.latency >= 0
+
+
+async def test_unknown_model_and_prompt_name_the_valid_ones(chatbus: Chatbus) -> None:
+    status, body = await chatbus.chat_json(query="x", model_name="gpt-nope")
+    assert status == 400
+    assert body["error"]["type"] == "unknown_model"
+    assert body["error"]["field"] == "model_name"
+    assert "echo, fake" in body["error"]["message"]
+    status, body = await chatbus.chat_json(query="x", prompt_name="nope", stream=True)
+    assert status == 400
+    assert body["error"]["field"] == "prompt_name"
+    assert "default, py" in body["error"]["message"]
+    assert stored_rows(chatbus) == []
+    assert chatbus.events.events == []
+
+
+async def test_prompt_template_applies_to_the_query(
+    chatbus: Chatbus, upstream: FakeUpstream
+) -> None:
+    await chatbus.chat(query="sort a list", model_name="fake", prompt_name="py")
+    assert upstream.received[-1].body["messages"][-1]["content"] == "Code: sort a list"
+
+
+BRACES = "{{ 7*7 }} {% if x %}y{% endif %} {# c #} }} {{"
+
+
+async def test_braces_in_query_and_history_are_literal(
+    chatbus: Chatbus, upstream: FakeUpstream
+) -> None:
+    history = [
+        {"role": "user", "content": BRACES},
+        {"role": "assistant", "content": "{{ input }}"},
+    ]
+    stream = await chatbus.chat(query=BRACES, model_name="fake", history=history)
+    assert stream.frames
+    sent = upstream.received[-1].body["messages"]
+    assert sent == [*history, {"role": "user", "content": BRACES}]
+    # And through a template with text around the input, too.
+    await chatbus.chat(query=BRACES, model_name="fake", prompt_name="py")
+    assert upstream.received[-1].body["messages"][-1]["content"] == f"Code: {BRACES}"
+
+
+async def test_echo_answers_with_braces_unchanged(chatbus: Chatbus) -> None:
+    assert (await chatbus.chat(query=BRACES)).text == BRACES
+
+
+async def ask_three(chatbus: Chatbus, conversation: str = "conv") -> None:
+    for query in ("first", "second", "third"):
+        await chatbus.chat(query=query, conversation_id=conversation)
+
+
+async def test_history_len_reads_the_last_turns_oldest_first(
+    chatbus: Chatbus, upstream: FakeUpstream
+) -> None:
+    await ask_three(chatbus)
+    await chatbus.chat(query="now", model_name="fake", conversation_id="conv", history_len=2)
+    assert upstream.received[-1].body["messages"] == [
+        {"role": "user", "content": "second"},
+        {"role": "assistant", "content": "second"},
+        {"role": "user", "content": "third"},
+        {"role": "assistant", "content": "third"},
+        {"role": "user", "content": "now"},
+    ]
+
+
+async def test_history_as_an_integer_reads_that_many_turns(
+    chatbus: Chatbus, upstream: FakeUpstream
+) -> None:
+    await ask_three(chatbus)
+    await chatbus.chat(query="now", model_name="fake", conversation_id="conv", history=1)
+    assert upstream.received[-1].body["messages"] == [
+        {"role": "user", "content": "third"},
+        {"role": "assistant", "content": "third"},
+        {"role": "user", "content": "now"},
+    ]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"conversation_id": "conv"},  # history_len defaults to -1
+        {"conversation_id": "conv", "history_len": 0},
+        {"conversation_id": "", "history_len": 5},  # "" reads nothing
+        {"conversation_id": "other", "history_len": 5},
+        {"conversation_id": "conv", "history": 0},
+    ],
+)
+async def test_no_history_read(
+    chatbus: Chatbus, upstream: FakeUpstream, body: dict[str, Any]
+) -> None:
+    await ask_three(chatbus)
+    await chatbus.chat(query="now", model_name="fake", **body)
+    assert upstream.received[-1].body["messages"] == [{"role": "user", "content": "now"}]
+
+
+async def test_an_explicit_history_list_wins_over_the_store(
+    chatbus: Chatbus, upstream: FakeUpstream
+) -> None:
+    await ask_three(chatbus)
+    given = [{"role": "system", "content": "be terse"}]
+    await chatbus.chat(
+        query="now", model_name="fake", conversation_id="conv", history_len=5, history=given
+    )
+    assert upstream.received[-1].body["messages"] == [*given, {"role": "user", "content": "now"}]
+
+
+async def test_turns_without_an_answer_are_skipped(
+    chatbus: Chatbus, upstream: FakeUpstream
+) -> None:
+    await chatbus.chat(query="kept", conversation_id="conv")
+    upstream.behaviour.fail_status = 500
+    failed = await chatbus.chat(query="failed", model_name="fake", conversation_id="conv")
+    assert failed.frames[-1]["error"]["type"] == "upstream_unavailable"
+    upstream.behaviour.fail_status = None
+    upstream.behaviour.break_after = 2  # a partial answer, then a broken stream: failed too
+    await chatbus.chat(query="broken", model_name="fake", conversation_id="conv")
+    upstream.behaviour.break_after = None
+    await chatbus.chat(query="now", model_name="fake", conversation_id="conv", history_len=10)
+    assert upstream.received[-1].body["messages"] == [
+        {"role": "user", "content": "kept"},
+        {"role": "assistant", "content": "kept"},
+        {"role": "user", "content": "now"},
+    ]
+
+
+async def test_history_is_capped_by_config(
+    start_chatbus: StartChatbus, upstream: FakeUpstream
+) -> None:
+    chatbus = await start_chatbus(chat={"max_history_turns": 1})
+    await ask_three(chatbus)
+    await chatbus.chat(query="now", model_name="fake", conversation_id="conv", history=50)
+    assert len(upstream.received[-1].body["messages"]) == 3
+
+
+async def test_turns_in_the_same_second_keep_their_order(
+    chatbus: Chatbus, upstream: FakeUpstream
+) -> None:
+    queries = [f"q{i}" for i in range(12)]
+    for query in queries:  # all within well under a second
+        await chatbus.chat(query=query, conversation_id="fast")
+    await chatbus.chat(query="now", model_name="fake", conversation_id="fast", history_len=12)
+    sent = upstream.received[-1].body["messages"]
+    assert [m["content"] for m in sent if m["role"] == "user"] == [*queries, "now"]
+
+
+BAD_BODIES = [
+    ({}, "query"),
+    ({"query": ""}, "query"),
+    ({"query": "   "}, "query"),
+    ({"query": 5}, "query"),
+    ({"query": "x", "temperature": 2.5}, "temperature"),
+    ({"query": "x", "temperature": -0.1}, "temperature"),
+    ({"query": "x", "temperature": "hot"}, "temperature"),
+    ({"query": "x", "stream": "maybe"}, "stream"),
+    ({"query": "x", "history": "yes"}, "history"),
+    ({"query": "x", "history": True}, "history"),
+    ({"query": "x", "history": [{"role": "robot", "content": "x"}]}, "history.0.role"),
+    ({"query": "x", "history": [{"role": "user"}]}, "history.0.content"),
+    ({"query": "x", "history_len": "many"}, "history_len"),
+    ({"query": "x", "max_tokens": "lots"}, "max_tokens"),
+    ({"query": "x", "model_name": 3}, "model_name"),
+    ({"query": "x", "prompt_name": None}, "prompt_name"),
+    ({"query": "x", "conversation_id": ["a"]}, "conversation_id"),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), BAD_BODIES)
+@pytest.mark.parametrize("stream", [True, False])
+async def test_bad_input_is_a_4xx_naming_the_field(
+    chatbus: Chatbus, body: dict[str, Any], field: str, stream: bool
+) -> None:
+    async with chatbus.post("/chat/chat", {"stream": stream, **body}) as response:
+        assert response.status == 422
+        assert response.content_type == "application/json"
+        error = (await response.json())["error"]
+    assert error["type"] == "validation_error"
+    assert error["field"] == field
+    assert error["message"].startswith(f"{field}: ")
+    assert stored_rows(chatbus) == []
+    assert chatbus.events.events == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "kind"),
+    [
+        (b"{not json", 400, "invalid_json"),
+        (b"", 400, "invalid_json"),
+        (b"[1, 2]", 422, "validation_error"),
+        (b'"text"', 422, "validation_error"),
+    ],
+)
+async def test_a_body_that_is_not_a_json_object(
+    chatbus: Chatbus, raw: bytes, status: int, kind: str
+) -> None:
+    async with chatbus.http.post(chatbus.url + "/chat/chat", data=raw) as response:
+        assert response.status == status
+        assert (await response.json())["error"]["type"] == kind
+    assert stored_rows(chatbus) == []
+
+
+async def test_query_length_limit(start_chatbus: StartChatbus) -> None:
+    chatbus = await start_chatbus(chat={"max_query_chars": 10})
+    status, body = await chatbus.chat_json(query="x" * 11)
+    assert status == 422
+    assert body["error"]["field"] == "query"
+    assert "at most 10" in body["error"]["message"]
+    status, _ = await chatbus.chat_json(query="x" * 10)
+    assert status == 200
+
+
+async def test_body_size_limit(start_chatbus: StartChatbus) -> None:
+    chatbus = await start_chatbus(server={"max_body_bytes": 1024})
+    status, body = await chatbus.chat_json(query="x" * 2000)
+    assert status == 413
+    assert body["error"]["type"] == "request_entity_too_large"
+    assert stored_rows(chatbus) == []
+
+
+async def test_extra_keys_from_other_chatchat_versions_are_ignored(chatbus: Chatbus) -> None:
+    status, body = await chatbus.chat_json(query="hi", knowledge_base_name="kb", top_k=3)
+    assert (status, body["text"]) == (200, "hi")
+
+
+async def test_every_lifecycle_event_once_with_the_right_ids(chatbus: Chatbus) -> None:
+    stream = await chatbus.chat(query="hello events", conversation_id="ev")
+    (message_id,) = stream.message_ids
+    await chatbus.events.wait_for("chat_completed")
+    async with chatbus.post("/chat/feedback", {"message_id": message_id, "score": 90}) as r:
+        assert r.status == 200
+    await chatbus.events.wait_for("feedback_received")
+    await chatbus.app[chatbus_service_key()].drain()
+    hooks = [event.hook for event in chatbus.events.events]
+    assert sorted(hooks) == sorted(
+        ["chat_received", "chat_started", "chat_completed", "feedback_received"]
+    )
+    for event in chatbus.events.events:
+        assert event.message_id == message_id
+        assert event.conversation_id == "ev"
+        assert event.tenant == "default"
+    received, started, completed = (
+        chatbus.events.of(h)[0] for h in ("chat_received", "chat_started", "chat_completed")
+    )
+    assert isinstance(received, ChatReceived) and received.stream is True
+    assert isinstance(started, ChatStarted) and started.history_turns == 0
+    assert isinstance(completed, ChatCompleted)
+    assert completed.text == "hello events"
+    assert completed.model == "echo"
+    assert completed.query == "hello events"
+    assert completed.usage is not None
+    assert received.request_id == completed.request_id
+
+
+def chatbus_service_key() -> Any:
+    from core.keys import SERVICE
+
+    return SERVICE
+
+
+async def test_failed_chat_publishes_chat_failed(chatbus: Chatbus, upstream: FakeUpstream) -> None:
+    upstream.behaviour.fail_status = 503
+    stream = await chatbus.chat(query="x", model_name="fake")
+    (failed,) = await chatbus.events.wait_for("chat_failed")
+    assert failed.message_id in stream.message_ids
+    assert failed.error_type == "upstream_unavailable"  # type: ignore[attr-defined]
+    assert chatbus.events.of("chat_completed") == []
+
+
+class Raising:
+    @hookimpl
+    def chat_started(self, event: Any) -> None:
+        raise RuntimeError("subscriber bug")
+
+    @hookimpl
+    async def chat_completed(self, event: Any) -> None:
+        raise RuntimeError("async subscriber bug")
+
+
+class Hanging:
+    def __init__(self) -> None:
+        self.cut_off = asyncio.Event()
+
+    @hookimpl
+    async def chat_received(self, event: Any) -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            self.cut_off.set()
+            raise
+
+
+async def test_bad_subscribers_change_nothing_the_client_sees(
+    start_chatbus: StartChatbus,
+) -> None:
+    hanging = Hanging()
+    chatbus = await start_chatbus(Raising(), hanging, events={"timeout_seconds": 0.3})
+    async with asyncio.timeout(2):  # the hanging subscriber does not hold the answer
+        stream = await chatbus.chat(query="still fine")
+        status, body = await chatbus.chat_json(query="still fine")
+    assert stream.text == "still fine" and len(stream.frames) == 2
+    assert (status, body["text"]) == (200, "still fine")
+    # Other subscribers still got everything; the hanging one was cut off by the timeout.
+    await chatbus.events.wait_for("chat_completed", 2)
+    async with asyncio.timeout(2):
+        await hanging.cut_off.wait()
+
+
+class SystemPrompt:
+    @hookimpl(wrapper=True)
+    def prepare_messages(self, request: Any, messages: list[dict[str, str]]) -> Any:
+        messages = yield
+        return [{"role": "system", "content": f"model={request.model_name}"}, *messages]
+
+
+async def test_prepare_messages_wrapper_edits_the_prompt(
+    start_chatbus: StartChatbus, upstream: FakeUpstream
+) -> None:
+    chatbus = await start_chatbus(SystemPrompt())
+    await chatbus.chat(query="hi", model_name="fake")
+    assert upstream.received[-1].body["messages"] == [
+        {"role": "system", "content": "model=fake"},
+        {"role": "user", "content": "hi"},
+    ]

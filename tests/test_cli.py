@@ -1,0 +1,109 @@
+"""The `chatbus` command (core/cli.py) and the README's quick start, as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+CHATBUS = [sys.executable, "-m", "core.cli"]
+
+
+def write_config(tmp_path: Path) -> Path:
+    config = tmp_path / "chatbus.toml"
+    config.write_text(
+        'default_model = "echo"\n[models.echo]\nprovider = "echo"\n'
+        '[history.sqlite]\npath = "cli.db"\n'
+    )
+    return config
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CHATBUS, *args], cwd=cwd, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def test_chat_streams_the_answer_to_the_terminal(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = run("--config", str(config), "chat", "Hello {{ you }}, terminal")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hello {{ you }}, terminal\n"
+    conversation = re.search(r"conversation (\w+)", result.stderr).group(1)  # type: ignore[union-attr]
+    again = run("--config", str(config), "chat", "second", "--conversation", conversation)
+    assert again.returncode == 0, again.stderr
+    with sqlite3.connect(tmp_path / "cli.db") as db:
+        rows = db.execute("SELECT conversation_id, query, status FROM messages ORDER BY seq")
+        assert rows.fetchall() == [
+            (conversation, "Hello {{ you }}, terminal", "completed"),
+            (conversation, "second", "completed"),
+        ]
+
+
+def test_chat_with_an_unknown_model(tmp_path: Path) -> None:
+    result = run("--config", str(write_config(tmp_path)), "chat", "hi", "--model", "nope")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "chatbus: model_name: unknown model 'nope' (configured: echo)"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def readme_curl() -> str:
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"^curl -N .*?(?<!\\)$", readme, flags=re.M | re.S)
+    assert match, "the README shows no curl -N command"
+    return match.group(0)
+
+
+def wait_until_listening(port: int, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError("chatbus serve did not start listening in 15 s")
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_serve_then_the_readme_curl_streams_an_answer(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "CHATBUS_HISTORY__SQLITE__PATH": str(tmp_path / "serve.db")}
+    process = subprocess.Popen(
+        [*CHATBUS, "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until_listening(port, process)
+        command = readme_curl().replace("7861", str(port))
+        result = subprocess.run(
+            ["bash", "-c", command], capture_output=True, text=True, timeout=30, check=True
+        )
+        frames = [line for line in result.stdout.splitlines() if line]
+        assert frames[0].startswith('data: {"text":"Hello, ","message_id":"')
+        assert frames[-1].startswith('data: {"text":"chatbus!","message_id":"')
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=15)
+    assert process.returncode == 0, stderr
+    assert '"event": "stopped"' in stderr or "stopped" in stderr
+    assert "Traceback" not in stderr
