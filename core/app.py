@@ -60,7 +60,7 @@ async def open_service(
             f" (known: {', '.join(sorted(stores))})"
         )
     # Answers are long-lived streams: a pool cap would queue chats behind each other.
-    connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
+    connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
         models = ModelRegistry.build(config.models, provider_factories(pm), http)
         try:

@@ -89,7 +89,12 @@ class Config(Section):
     def _check_references(self) -> Config:
         if self.default_model not in self.models:
             known = ", ".join(sorted(self.models)) or "none"
-            raise ValueError(f"'{self.default_model}' is not in [models] (configured: {known})")
+            raise ValueError(
+                f"default_model: '{self.default_model}' is not in [models] (configured: {known})"
+            )
+        for key, value in (self.history.model_extra or {}).items():
+            if not isinstance(value, dict):  # only `[history.<backend>]` tables may be added
+                raise ValueError(f"history.{key}: unknown key")
         if "default" not in self.prompts:
             raise ValueError("[prompts] must define 'default'")
         return self
@@ -107,6 +112,13 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] = os.
     else:
         where = "built-in defaults"
     for keys, value in env_overrides(environ):
+        # One key of a table left to its default (`[models]`, `[prompts]`) joins the default.
+        default = getattr(Config.model_fields.get(keys[0]), "default", None)
+        if len(keys) > 1 and keys[0] not in data and isinstance(default, dict):
+            data[keys[0]] = {
+                name: item.model_dump() if isinstance(item, BaseModel) else item
+                for name, item in default.items()
+            }
         _set_path(data, keys, value)
     try:
         return Config.model_validate(data)
