@@ -43,11 +43,20 @@ def make_plugin_manager(
     for name in modules:
         try:
             module = importlib.import_module(name)
-        except ImportError as exc:
-            raise ConfigError(f"plugins.modules: cannot import '{name}': {exc}") from None
+        except Exception as exc:  # not only ImportError: whatever its import raised
+            raise ConfigError(
+                f"plugins.modules: cannot import '{name}': {_one_line(exc)}"
+            ) from None
         if not pm.is_registered(module):
-            pm.register(module, name)
+            try:
+                pm.register(module, name)
+            except pluggy.PluginValidationError as exc:
+                raise ConfigError(f"plugins.modules: '{name}': {_one_line(exc)}") from None
     return pm
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def provider_factories(pm: pluggy.PluginManager) -> dict[str, ProviderFactory]:
