@@ -21,9 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         config = load_config(args.config)
-        return args.run(config, args)
     except ConfigError as exc:
         print(f"chatbus: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return args.run(config, args)
+    except ConfigError as exc:  # found while building what the config names
+        print(f"chatbus: configuration error: {config.source}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

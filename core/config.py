@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 ENV_PREFIX = "CHATBUS_"
 ENV_CONFIG_PATH = "CHATBUS_CONFIG"
 DEFAULT_PROMPTS = {"default": "{{ input }}"}
+INTERNAL_KEYS = ("base_dir", "source")  # set by load_config, not by users
 
 
 class ConfigError(Exception):
@@ -82,8 +83,9 @@ class Config(Section):
     prompts: dict[str, str] = DEFAULT_PROMPTS
     events: EventsConfig = EventsConfig()
     plugins: PluginsConfig = PluginsConfig()
-    # Where relative paths in the configuration are resolved from.
+    # Where relative paths in the configuration are resolved from, and what was read.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+    source: str = Field("built-in defaults", exclude=True)
 
     @model_validator(mode="after")
     def _check_references(self) -> Config:
@@ -109,6 +111,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] = os.
     if chosen or file.exists():
         data = _read_toml(file)
         data["base_dir"] = file.resolve().parent
+        data["source"] = where
     else:
         where = "built-in defaults"
     for keys, value in env_overrides(environ):
@@ -127,14 +130,15 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] = os.
 
 
 def env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any]]:
-    """`CHATBUS_A__B=v` becomes (["a", "b"], v); CHATBUS_CONFIG is not a key."""
+    """`CHATBUS_A__B=v` becomes (["a", "b"], v) when `a` is a configuration key, so other
+    CHATBUS_ variables (CHATBUS_CONFIG, CHATBUS_TEST_*) are left alone."""
     found = []
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_PATH:
+        if not name.startswith(ENV_PREFIX):
             continue
         keys = [part.lower() for part in name.removeprefix(ENV_PREFIX).split("__")]
-        if all(keys):
-            found.append((keys, _parse_scalar(raw)))
+        if all(keys) and keys[0] in Config.model_fields and keys[0] not in INTERNAL_KEYS:
+            found.append((keys, _parse_value(raw)))
     return found
 
 
@@ -148,11 +152,15 @@ def _read_toml(file: Path) -> dict[str, Any]:
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
 
 
-def _parse_scalar(raw: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
+def _parse_value(raw: str) -> Any:
+    """Arrays and tables are read as TOML; anything else stays a string, which validation
+    turns into the key's type ("8000" for a port, "true" for a flag)."""
+    if raw.startswith(("[", "{")):
+        try:
+            return tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            pass
+    return raw
 
 
 def _set_path(data: dict[str, Any], keys: list[str], value: Any) -> None:

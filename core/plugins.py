@@ -39,7 +39,10 @@ def make_plugin_manager(
     for name in BUILTIN_PLUGINS if builtins else ():
         pm.register(importlib.import_module(name), name)
     if entry_points:
-        pm.load_setuptools_entrypoints(PROJECT)
+        try:
+            pm.load_setuptools_entrypoints(PROJECT)
+        except Exception as exc:  # an installed plugin that fails to load
+            raise ConfigError(f"entry point plugins ({PROJECT}): {_one_line(exc)}") from None
     for name in modules:
         try:
             module = importlib.import_module(name)
