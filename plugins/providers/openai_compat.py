@@ -33,7 +33,7 @@ CONTEXT_HINTS = ("context_length", "context length", "maximum context", "too man
 
 
 class OpenAICompatOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
     model: str = Field(description="the model name the server knows")
@@ -202,10 +202,8 @@ def _error_from_body(status: int, error: Any) -> ProviderError:
 def _scrubbed(exc: ProviderError, headers: dict[str, str]) -> ProviderError:
     """Never let an upstream echo of our key reach a client or a log line."""
     key = headers.get("Authorization", "").removeprefix("Bearer ")
-    if key and key in str(exc):
-        scrubbed = type(exc)(str(exc).replace(key, "[redacted]"))
-        scrubbed.__dict__.update(exc.__dict__)
-        return scrubbed
+    if key:
+        exc.args = tuple(str(arg).replace(key, "[redacted]") for arg in exc.args)
     return exc
 
 
