@@ -7,6 +7,7 @@ import json
 import re
 
 import aiohttp
+import pytest
 
 from core.history import Status
 from tests.conftest import Chatbus, StartChatbus
@@ -180,3 +181,16 @@ async def test_disconnect_while_not_streamed(chatbus: Chatbus, upstream: FakeUps
     record = await chatbus.store.get_message("default", cancelled.message_id)
     assert record is not None and record.status is Status.CANCELLED
     assert record.response.startswith("t0 t1 ")
+
+
+async def test_shutdown_lets_answers_in_flight_finish(start_chatbus: StartChatbus) -> None:
+    chatbus = await start_chatbus(models={"echo": {"provider": "echo", "delay": 0.05}})
+    query = " ".join(f"w{i}" for i in range(10))
+    answer = asyncio.create_task(chatbus.chat(query=query))
+    await asyncio.sleep(0.15)  # the answer is under way
+    await chatbus.runner.cleanup()  # what SIGTERM does: stop accepting, finish, close
+    stream = await answer
+    assert stream.text == query
+    assert "error" not in stream.frames[-1]
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await chatbus.chat(query="too late")
