@@ -5,13 +5,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint clean
+.PHONY: serve test lint bench clean
 
 serve: $(STAMP)
 	$(BIN)/chatbus serve
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -353,18 +353,30 @@ class FakeUpstream:
 
 
 def _main() -> None:
+    from pathlib import Path
+
     parser = argparse.ArgumentParser(description="Run the fake OpenAI-compatible upstream.")
-    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--port", type=int, default=8001, help="0 picks a free port")
     parser.add_argument("--token-count", type=int, default=None, help="pieces per answer")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds between pieces")
+    parser.add_argument(
+        "--ready-file", default=None, help="write the base URL to this file once listening"
+    )
     args = parser.parse_args()
 
     async def run() -> None:
         upstream = FakeUpstream(Behaviour(token_count=args.token_count, delay=args.delay))
         await upstream.start(port=args.port)
         print(f"fake upstream at {upstream.base_url}", flush=True)
+        if args.ready_file:
+            ready = Path(args.ready_file)
+            partial = ready.with_name(ready.name + ".part")
+            partial.write_text(upstream.base_url)
+            partial.replace(ready)  # readers never see a half-written URL
         try:
-            await asyncio.Event().wait()
+            while True:  # nobody reads `received` here: keep a long run's memory flat
+                await asyncio.sleep(1.0)
+                upstream.received.clear()
         finally:
             await upstream.close()
 

@@ -1,0 +1,306 @@
+"""`python -m bench [--quick] [--out bench/results/latest.md]`: the whole benchmark, one run.
+
+Starts two fake upstreams (fast: no delay; slow: a token every 50 ms) and chatbus against
+them, drives each path from a separate load process (`bench.load`), samples chatbus's RSS,
+and writes the side-by-side table (markdown) and the raw numbers (JSON, next to it).
+Loopback only; every child is killed on the way out, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.client
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import orjson
+
+from bench import report
+from bench.procs import (
+    BenchError,
+    Deadline,
+    Procs,
+    Sampler,
+    free_port,
+    rss_kb,
+    wait_for_file,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "bench" / "results" / "latest.md"
+DIRECT, CHATBUS = report.DIRECT, report.CHATBUS
+
+
+@dataclass(frozen=True)
+class Counts:
+    seq_count: int
+    seq_warmup: int
+    rate_count: int
+    concurrency: int
+    tokens: int
+    slow_streams: int
+    slow_tokens: int
+    slow_gap_ms: float
+    deadline_s: float
+
+
+FULL = Counts(1000, 100, 3000, 100, 20, 1000, 200, 50.0, 240.0)
+QUICK = Counts(50, 10, 200, 100, 20, 50, 20, 50.0, 90.0)
+
+CONFIG = """\
+default_model = "fast"
+
+[server]
+host = "127.0.0.1"
+shutdown_grace_seconds = 1
+
+[history]
+backend = "sqlite"
+
+[history.sqlite]
+path = "{db}"
+
+[models.fast]
+provider = "openai_compat"
+base_url = "{fast}"
+model = "fake-model"
+
+[models.slow]
+provider = "openai_compat"
+base_url = "{slow}"
+model = "fake-model"
+"""
+
+
+class Bench:
+    """One run: its children, its deadline, its measurements."""
+
+    def __init__(self, counts: Counts, procs: Procs, deadline: Deadline, tmp: Path) -> None:
+        self.counts = counts
+        self.procs = procs
+        self.deadline = deadline
+        self.tmp = tmp
+
+    def upstream(self, name: str, tokens: int, delay: float) -> tuple[int, str]:
+        ready = self.tmp / f"{name}.url"
+        argv = [sys.executable, "-m", "tests.fake_upstream", "--port", "0"]
+        argv += ["--token-count", str(tokens), "--delay", str(delay), "--ready-file", str(ready)]
+        proc = self.procs.spawn(name, argv)
+        return proc.pid, wait_for_file(ready, proc, self.deadline.left(15))
+
+    def chatbus(self, fast: str, slow: str) -> tuple[subprocess.Popen[bytes], str, float]:
+        """Start chatbus; seconds from spawning it to its first successful answer."""
+        config = self.tmp / "bench.toml"
+        db = self.tmp / "bench.db"
+        config.write_text(CONFIG.format(db=db, fast=fast, slow=slow))
+        port = free_port()
+        argv = [sys.executable, "-m", "core.cli", "--config", str(config)]
+        argv += ["serve", "--port", str(port)]
+        started = time.perf_counter()
+        proc = self.procs.spawn("chatbus", argv)
+        first_answer(port, proc, self.deadline.left(30))
+        return proc, f"http://127.0.0.1:{port}", time.perf_counter() - started
+
+    def load(self, mode: str, kind: str, url: str, tokens: int, count: int, **opts: Any) -> Any:
+        cap = opts.pop("cap", 90.0)
+        timeout = self.deadline.left(cap)
+        argv = [sys.executable, "-m", "bench.load", mode, "--kind", kind, "--url", url]
+        argv += ["--tokens", str(tokens), "--count", str(count)]
+        argv += ["--deadline", str(max(1.0, timeout - 2))]
+        for key, value in opts.items():
+            argv += [f"--{key}", str(value)]
+        progress(f"{mode} {kind}: {count} answers")
+        return self.procs.run_json(f"load-{mode}", argv, timeout + 5)
+
+
+def first_answer(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Poll `/chat/chat` until chatbus answers 200 with a text."""
+    body = orjson.dumps({"query": "ready?", "model_name": "fast"})
+    ends = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < ends:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            conn.request("POST", "/chat/chat", body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            data = response.read()
+            if response.status == 200 and b'"text"' in data:
+                return
+            last = f"{response.status} {data[:200]!r}"
+        except OSError as exc:
+            last = repr(exc)
+        finally:
+            conn.close()
+        if proc.poll() is not None:
+            raise BenchError(f"chatbus exited {proc.returncode} before answering")
+        time.sleep(0.005)
+    raise BenchError(f"chatbus did not answer within {timeout:.0f} s (last: {last})")
+
+
+def run(counts: Counts, procs: Procs, deadline: Deadline, tmp: Path) -> dict[str, Any]:
+    c = counts
+    bench = Bench(counts, procs, deadline, tmp)
+    progress("starting the fake upstreams")
+    fast_pid, fast_url = bench.upstream("upstream-fast", c.tokens, 0.0)
+    slow_pid, slow_url = bench.upstream("upstream-slow", c.slow_tokens, c.slow_gap_ms / 1000)
+    progress("starting chatbus")
+    proc, chatbus_url, startup = bench.chatbus(fast_url, slow_url)
+    time.sleep(0.5)
+    rest = rss_kb(proc.pid)
+
+    # path -> (kind, URL) for the fast answers, then for the slow streams
+    routes = {
+        DIRECT: (("direct", fast_url), ("direct", slow_url)),
+        CHATBUS: (("chatbus:fast", chatbus_url), ("chatbus:slow", chatbus_url)),
+    }
+    paths: dict[str, dict[str, Any]] = {DIRECT: {}, CHATBUS: {}}
+    for key, ((kind, url), _) in routes.items():
+        paths[key]["seq"] = bench.load(
+            "seq", kind, url, c.tokens, c.seq_count, warmup=c.seq_warmup, cap=60.0
+        )
+    for key, ((kind, url), _) in routes.items():
+        pids = {"chatbus": proc.pid, "upstream": fast_pid}
+        with Sampler(proc.pid, pids) as sampler:
+            rate = bench.load("rate", kind, url, c.tokens, c.rate_count, concurrency=c.concurrency)
+        cores = sampler.cores(*rate["window_wall"])
+        paths[key]["rate"] = rate
+        paths[key]["cpu_cores"] = cores
+        paths[key]["cpu_ms_per_chat"] = {
+            **{name: busy * 1000 / max(rate["chats_per_s"], 1e-9) for name, busy in cores.items()},
+            "client": rate["client_cpu_s"] * 1000 / c.rate_count,
+        }
+        if key == CHATBUS:
+            paths[key]["rss_peak_kb"] = sampler.peak_rss(*rate["window_wall"])
+
+    slow: dict[str, dict[str, Any]] = {}
+    stream_s = c.slow_tokens * c.slow_gap_ms / 1000
+    for key, (_, (kind, url)) in routes.items():
+        time.sleep(0.5)
+        before_kb = rss_kb(proc.pid)
+        pids = {"chatbus": proc.pid, "upstream": slow_pid}
+        with Sampler(proc.pid, pids) as sampler:
+            result = bench.load(
+                "streams",
+                kind,
+                url,
+                c.slow_tokens,
+                c.slow_streams,
+                timeout=stream_s + 30,
+                cap=stream_s + 60,
+            )
+        window = result["all_open_wall"], result["first_end_wall"]
+        result["cpu_cores"] = sampler.cores(*window)
+        if key == CHATBUS:
+            open_kb = sampler.peak_rss(*window)
+            result["rss_rest_kb"] = before_kb
+            result["rss_open_kb"] = open_kb
+            if open_kb is not None and before_kb is not None:
+                result["rss_per_stream_kb"] = (open_kb - before_kb) / c.slow_streams
+        slow[key] = result
+
+    if proc.poll() is not None:
+        raise BenchError(f"chatbus exited {proc.returncode} during the run")
+    runs = [*(p[k] for p in paths.values() for k in ("seq", "rate")), *slow.values()]
+    return {
+        "startup": {"seconds": startup},
+        "rss_kb": {"rest": rest},
+        "paths": {**paths, "chatbus_litellm": {"available": False, "note": report.LITELLM_NOTE}},
+        "slow": slow,
+        "errors_total": sum(report.errors_of(r) for r in runs),
+    }
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def commit() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.decode().strip() + (" (with uncommitted changes)" if dirty.stdout else "")
+
+
+def progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _terminated(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny counts, well under 30 s")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report path")
+    args = parser.parse_args(argv)
+    counts = QUICK if args.quick else FULL
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminated)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATBUS_")}
+    env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    began = time.perf_counter()
+    with (
+        tempfile.TemporaryDirectory(prefix="chatbus-bench-") as tmp,
+        Procs(Path(tmp), env, ROOT) as procs,
+    ):
+        try:
+            results = run(counts, procs, Deadline(counts.deadline_s), Path(tmp))
+        except BenchError as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            for name in ("chatbus", "upstream-fast", "upstream-slow"):
+                print(f"--- {name} log:\n{procs.log_tail(name)}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("bench: interrupted; children stopped", file=sys.stderr)
+            return 130
+    results = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "machine": machine(),
+        "commit": commit(),
+        "counts": asdict(counts),
+        "elapsed_s": time.perf_counter() - began,
+        **results,
+    }
+    results["targets"] = report.targets(results)
+    text = report.markdown(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The load generator, a process of its own: drives one path and prints one JSON object.
+
+    python -m bench.load seq     --kind direct|chatbus --url URL --tokens N --count N --warmup N
+    python -m bench.load rate    --kind ... --count N --concurrency C
+    python -m bench.load streams --kind ... --count N   (all open at once, frame gaps measured)
+
+`--url` is the upstream's base URL (`.../v1`) for `direct`, chatbus's root for `chatbus`.
+An answer counts only if it is whole: status 200, exactly `--tokens` content frames, the
+end of the stream (`[DONE]` then EOF direct, EOF through chatbus) and no error frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import itertools
+import math
+import resource
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+QUERY = "Tell me something for the benchmark."
+HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+
+
+class BadAnswer(Exception):
+    """An answer that arrived but was not whole."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one path's requests go and what a whole answer looks like there."""
+
+    direct: bool
+    url: str
+    body: bytes
+    tokens: int
+
+    @classmethod
+    def of(cls, kind: str, url: str, tokens: int) -> Target:
+        if kind == "direct":  # the request chatbus itself sends upstream
+            body = {
+                "model": "fake-model",
+                "messages": [{"role": "user", "content": QUERY}],
+                "stream": True,
+                "temperature": 0.7,
+                "stream_options": {"include_usage": True},
+            }
+            return cls(True, f"{url.rstrip('/')}/chat/completions", orjson.dumps(body), tokens)
+        body = {"query": QUERY, "stream": True, "model_name": kind.removeprefix("chatbus:")}
+        return cls(False, f"{url.rstrip('/')}/chat/chat", orjson.dumps(body), tokens)
+
+
+class Errors:
+    """Failed answers by kind, with the first few messages."""
+
+    def __init__(self) -> None:
+        self.kinds: Counter[str] = Counter()
+        self.examples: list[str] = []
+
+    def add(self, exc: BaseException) -> None:
+        kind = type(exc).__name__
+        self.kinds[kind] += 1
+        if len(self.examples) < 5:
+            self.examples.append(f"{kind}: {exc}"[:300])
+
+    def json(self) -> dict[str, Any]:
+        total = sum(self.kinds.values())
+        return {"total": total, "kinds": dict(self.kinds), "examples": self.examples}
+
+
+async def chat(
+    session: aiohttp.ClientSession,
+    target: Target,
+    limits: aiohttp.ClientTimeout,
+    stamps: list[float] | None = None,
+    on_first: Callable[[], None] | None = None,
+) -> None:
+    """One whole streamed answer, read to EOF; `stamps` gets each content frame's time."""
+    clock = time.perf_counter
+    async with session.post(target.url, data=target.body, headers=HEADERS, timeout=limits) as r:
+        if r.status != 200:
+            raise BadAnswer(f"status {r.status}: {(await r.content.read(200))!r}")
+        frames = 0
+        done = False
+        async for line in r.content:
+            if not line.startswith(b"data:"):
+                continue
+            if target.direct:
+                if line.startswith(b"data: [DONE]"):
+                    done = True
+                    continue
+                if b'"content"' not in line:
+                    continue  # the finish_reason and usage chunks
+            elif b'"error"' in line:
+                raise BadAnswer(f"error frame: {line[:200]!r}")
+            frames += 1
+            if stamps is not None:
+                stamps.append(clock())
+                if frames == 1 and on_first is not None:
+                    on_first()
+    if target.direct and not done:
+        raise BadAnswer("the stream ended without [DONE]")
+    if frames != target.tokens:
+        raise BadAnswer(f"{frames} content frames, expected {target.tokens}")
+
+
+async def attempt(
+    session: aiohttp.ClientSession, target: Target, limits: aiohttp.ClientTimeout, errors: Errors
+) -> bool:
+    try:
+        await chat(session, target, limits)
+    except (BadAnswer, aiohttp.ClientError, TimeoutError, OSError) as exc:
+        errors.add(exc)
+        return False
+    return True
+
+
+def summary(values: list[float]) -> dict[str, float | int | None]:
+    """Count, mean and nearest-rank percentiles of `values` (milliseconds in, out)."""
+    if not values:
+        return {"count": 0, "min": None, "p50": None, "p90": None, "p99": None, "max": None}
+    ordered = sorted(values)
+
+    def rank(q: float) -> float:
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+    return {
+        "count": len(ordered),
+        "min": ordered[0],
+        "mean": sum(ordered) / len(ordered),
+        "p50": rank(0.50),
+        "p90": rank(0.90),
+        "p99": rank(0.99),
+        "max": ordered[-1],
+    }
+
+
+def session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+
+async def seq(args: argparse.Namespace, target: Target) -> dict[str, Any]:
+    """Sequential latency of whole answers on one warm connection."""
+    timeout = aiohttp.ClientTimeout(total=args.timeout, sock_connect=5)
+    errors, warmup_errors = Errors(), Errors()
+    latencies: list[float] = []
+    async with session() as s:
+        for _ in range(args.warmup):
+            await attempt(s, target, timeout, warmup_errors)
+        for _ in range(args.count):
+            started = time.perf_counter()
+            if await attempt(s, target, timeout, errors):
+                latencies.append((time.perf_counter() - started) * 1000)
+    return {
+        "count": args.count,
+        "warmup": args.warmup,
+        "latency_ms": summary(latencies),
+        "errors": errors.json(),
+        "warmup_errors": warmup_errors.json(),
+    }
+
+
+async def rate(args: argparse.Namespace, target: Target) -> dict[str, Any]:
+    """Whole answers per second with `concurrency` clients until `count` answers are done."""
+    timeout = aiohttp.ClientTimeout(total=args.timeout, sock_connect=5)
+    errors, warmup_errors = Errors(), Errors()
+    latencies: list[float] = []
+    left = args.count
+
+    async def client() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            started = time.perf_counter()
+            if await attempt(s, target, timeout, errors):
+                latencies.append((time.perf_counter() - started) * 1000)
+
+    async with session() as s:
+        # One answer per client first, so the timed run starts with open connections.
+        await asyncio.gather(
+            *(attempt(s, target, timeout, warmup_errors) for _ in range(args.concurrency))
+        )
+        cpu = time.process_time()
+        started_wall, started = time.time(), time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(args.concurrency)))
+        elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
+    return {
+        "count": args.count,
+        "concurrency": args.concurrency,
+        "elapsed_s": elapsed,
+        "window_wall": [started_wall, started_wall + elapsed],
+        "chats_per_s": len(latencies) / elapsed,
+        "latency_ms": summary(latencies),
+        "client_cpu_s": cpu,
+        "errors": errors.json(),
+        "warmup_errors": warmup_errors.json(),
+    }
+
+
+async def streams(args: argparse.Namespace, target: Target) -> dict[str, Any]:
+    """`count` streams opened together and held open at once; gaps between their frames.
+
+    A stream is open from its first content frame to its end. Gaps are measured only between
+    frames arriving after every stream is open, so they show the steady state of N at once.
+    """
+    timeout = aiohttp.ClientTimeout(total=args.timeout, sock_connect=10, sock_read=30)
+    errors = Errors()
+    stamps: list[list[float]] = [[] for _ in range(args.count)]
+    ended: list[float] = []
+    open_now = most_open = 0
+
+    def opened() -> None:
+        nonlocal open_now, most_open
+        open_now += 1
+        most_open = max(most_open, open_now)
+
+    async def one(mine: list[float]) -> None:
+        nonlocal open_now
+        try:
+            await chat(s, target, timeout, mine, opened)
+        except (BadAnswer, aiohttp.ClientError, TimeoutError, OSError) as exc:
+            errors.add(exc)
+        finally:
+            if mine:
+                open_now -= 1
+            ended.append(time.perf_counter())
+
+    to_wall = time.time() - time.perf_counter()
+    cpu = time.process_time()
+    async with session() as s:
+        started = time.perf_counter()
+        await asyncio.gather(*(one(mine) for mine in stamps))
+    cpu = time.process_time() - cpu
+    firsts = [mine[0] for mine in stamps if mine]
+    all_open = max(firsts) if firsts else started
+    first_end = min(ended) if ended else started
+    gaps = [(b - a) * 1000 for mine in stamps for a, b in itertools.pairwise(mine) if a >= all_open]
+    return {
+        "count": args.count,
+        "tokens": args.tokens,
+        "max_open": most_open,
+        "all_open_at_once": most_open == args.count,
+        "open_all_s": all_open - started,
+        "duration_s": max(ended) - started if ended else 0.0,
+        "all_open_wall": all_open + to_wall,
+        "first_end_wall": first_end + to_wall,
+        "gap_ms": summary(gaps),
+        "client_cpu_s": cpu,
+        "errors": errors.json(),
+    }
+
+
+MODES = {"seq": seq, "rate": rate, "streams": streams}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__)
+    parser.add_argument("mode", choices=sorted(MODES))
+    parser.add_argument("--kind", required=True, help="direct, or chatbus:<model_name>")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--tokens", type=int, required=True, help="content frames per answer")
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--warmup", type=int, default=0)
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    parser.add_argument("--deadline", type=float, default=120.0, help="seconds for the run")
+    args = parser.parse_args(argv)
+    if not args.url.startswith(("http://127.0.0.1:", "http://localhost:")):
+        parser.error("--url must be on loopback")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft != resource.RLIM_INFINITY and soft < wanted:  # a thousand streams, as many sockets
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    target = Target.of(args.kind, args.url, args.tokens)
+
+    async def bounded() -> dict[str, Any]:
+        async with asyncio.timeout(args.deadline):
+            return await MODES[args.mode](args, target)
+
+    # The instrument must not stall: with the cyclic GC on, this process's own pauses (tens of
+    # ms with a thousand streams) would be charged to whichever path is measured. One short
+    # run leaks at most some MB of cycles.
+    gc.disable()
+    try:
+        result = asyncio.run(bounded())
+    except TimeoutError:
+        print(f"bench.load: {args.mode} passed its {args.deadline:.0f} s deadline", file=sys.stderr)
+        return 1
+    sys.stdout.buffer.write(orjson.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
