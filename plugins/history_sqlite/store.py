@@ -1,12 +1,17 @@
-"""SQLite history store (aiosqlite, WAL). Turns are ordered by an autoincrement key,
-so two turns in the same second (or microsecond) keep the order they were stored in."""
+"""SQLite history store: WAL, a thread of its own, group commit. Turns are ordered by an
+autoincrement key, so turns in the same second (or microsecond) keep the order they were
+stored in."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import aiosqlite
 import orjson
 from pydantic import BaseModel, ConfigDict
 
@@ -53,8 +58,10 @@ COLUMNS = (
     "created_at",
 )
 SELECT = f"SELECT {', '.join(COLUMNS)} FROM messages"
+INSERT = f"INSERT INTO messages ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 # Turns a model may read back: answered, or cut short by the client (what they saw).
 READABLE = (Status.COMPLETED, Status.CANCELLED)
+T = TypeVar("T")
 
 
 class SqliteOptions(BaseModel):
@@ -63,43 +70,45 @@ class SqliteOptions(BaseModel):
 
 
 class SqliteStore:
+    """All SQLite work runs on one thread of its own. Writes are group-committed: those
+    that arrive while a transaction is being written wait and go together in the next one,
+    so a busy server commits once for many turns, not twice a turn."""
+
     def __init__(self, path: str) -> None:
         self.path = path
-        self._db: aiosqlite.Connection | None = None
+        self._db: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="chatbus-sqlite")
+        self._pending: list[_Write] = []
+        self._writing: asyncio.Future[None] | None = None
 
     async def open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(self.path)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")  # durable across app crashes in WAL
-        await db.execute("PRAGMA busy_timeout=5000")  # several processes may share the file
-        await db.executescript(SCHEMA)
-        await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        await db.commit()
-        self._db = db
+        self._db = await self._run(self._connect)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # durable across app crashes in WAL mode
+        db.execute("PRAGMA busy_timeout=5000")  # several processes may share the file
+        db.executescript(SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        return db
 
     async def close(self) -> None:
+        if self._writing is not None:
+            await self._writing  # what was queued is committed before the file closes
         if self._db is not None:
-            await self._db.close()
+            await self._run(self._db.close)
             self._db = None
-
-    @property
-    def db(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise RuntimeError("the SQLite store is not open")
-        return self._db
+        self._thread.shutdown()
 
     async def add_message(self, record: MessageRecord) -> None:
         row = _to_row(record)
-        await self.db.execute(
-            f"INSERT INTO messages ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-            [row[column] for column in COLUMNS],
-        )
-        await self.db.commit()
+        await self._write(INSERT, [row[column] for column in COLUMNS])
 
     async def finish_message(self, message_id: str, outcome: Outcome) -> None:
-        await self.db.execute(
+        await self._write(
             "UPDATE messages SET response = ?, status = ?, usage = ?, latency = ?, error = ?"
             " WHERE message_id = ?",
             (
@@ -111,38 +120,93 @@ class SqliteStore:
                 message_id,
             ),
         )
-        await self.db.commit()
 
     async def recent_turns(self, tenant: str, conversation_id: str, limit: int) -> list[Turn]:
-        cursor = await self.db.execute(
+        rows = await self._read(
             "SELECT query, response FROM messages"
             " WHERE tenant = ? AND conversation_id = ? AND response != ''"
             f" AND status IN ({', '.join('?' * len(READABLE))})"
             " ORDER BY seq DESC LIMIT ?",
-            (tenant, conversation_id, *READABLE, limit),
+            (tenant, conversation_id, *READABLE, max(limit, 0)),
         )
-        rows = await cursor.fetchall()
-        return [Turn(query, response) for query, response in reversed(list(rows))]
+        return [Turn(query, response) for query, response in reversed(rows)]
 
     async def get_message(self, tenant: str, message_id: str) -> MessageRecord | None:
-        cursor = await self.db.execute(
+        rows = await self._read(
             f"{SELECT} WHERE tenant = ? AND message_id = ?", (tenant, message_id)
         )
-        row = await cursor.fetchone()
-        return _from_row(row) if row is not None else None
+        return _from_row(rows[0]) if rows else None
 
     async def set_feedback(
         self, tenant: str, message_id: str, score: int, reason: str
     ) -> MessageRecord | None:
-        cursor = await self.db.execute(
+        changed = await self._write(
             "UPDATE messages SET feedback_score = ?, feedback_reason = ?"
             " WHERE tenant = ? AND message_id = ?",
             (score, reason, tenant, message_id),
         )
-        await self.db.commit()
-        if cursor.rowcount == 0:
-            return None
-        return await self.get_message(tenant, message_id)
+        return await self.get_message(tenant, message_id) if changed else None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("the SQLite store is not open")
+        return self._db
+
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+
+    async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        return await self._run(lambda: self.db.execute(sql, params).fetchall())
+
+    async def _write(self, sql: str, params: Sequence[Any]) -> int:
+        """Queue a statement for the next transaction; its changed-row count once committed."""
+        write = _Write(sql, params, asyncio.get_running_loop().create_future())
+        self._pending.append(write)
+        if self._writing is None:
+            self._writing = asyncio.ensure_future(self._commit_pending())
+        return await write.done
+
+    async def _commit_pending(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    results = await self._run(self._transaction, batch)
+                except Exception as exc:  # the commit itself failed: none of them stands
+                    results = [exc] * len(batch)
+                for write, result in zip(batch, results, strict=True):
+                    if write.done.done():
+                        continue  # its caller went away; the write stands all the same
+                    if isinstance(result, Exception):
+                        write.done.set_exception(result)
+                    else:
+                        write.done.set_result(result)
+        finally:
+            self._writing = None
+
+    def _transaction(self, batch: list[_Write]) -> list[int | Exception]:
+        """On the store's thread: one transaction; a statement that fails fails alone."""
+        results: list[int | Exception] = []
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for write in batch:
+                try:
+                    results.append(self.db.execute(write.sql, write.params).rowcount)
+                except sqlite3.Error as exc:
+                    results.append(exc)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return results
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    sql: str
+    params: Sequence[Any]
+    done: asyncio.Future[int]
 
 
 def _usage_json(usage: Usage | None) -> str | None:

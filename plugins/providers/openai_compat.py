@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from yarl import URL
 
 from core.hookspecs import hookimpl
 from core.providers import (
@@ -65,7 +66,7 @@ class OpenAICompatOptions(BaseModel):
 class OpenAICompatProvider:
     def __init__(self, options: OpenAICompatOptions, http: aiohttp.ClientSession) -> None:
         self.options = options
-        self.url = f"{options.base_url}/chat/completions"
+        self.url = URL(f"{options.base_url}/chat/completions")  # parsed once, not per call
         self.http = http
         self.timeout = aiohttp.ClientTimeout(
             total=options.total_timeout,
@@ -110,28 +111,32 @@ class OpenAICompatProvider:
                 if response.status != 200:
                     raise await _status_error(response)
                 finished = False
-                async for line in response.content:
-                    if not line.startswith(b"data:"):
-                        continue  # blank separators, `:` comments, `event:` lines
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        finished = True
-                        break
-                    chunk = _parse(data)
-                    choices = chunk.get("choices")
-                    if choices:
-                        choice = choices[0]
-                        content = choice["delta"].get("content")
-                        if content:
-                            yield content
-                        if choice.get("finish_reason"):
-                            finished = True
-                    elif "error" in chunk:
-                        raise _error_from_body(0, chunk["error"])
-                    usage = chunk.get("usage")
-                    if usage:
-                        yield Usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
-                if not finished:
+                pending = b""
+                # Take whatever has arrived, not line by line: one await per network read.
+                async for received in response.content.iter_any():
+                    lines = (pending + received).split(b"\n")
+                    pending = lines.pop()  # an incomplete last line waits for the rest
+                    for line in lines:
+                        if not line.startswith(b"data:"):
+                            continue  # blank separators, `:` comments, `event:` lines
+                        data = line[5:].strip()
+                        if data == b"[DONE]":
+                            return
+                        chunk = _parse(data)
+                        choices = chunk.get("choices")
+                        if choices:
+                            choice = choices[0]
+                            content = choice["delta"].get("content")
+                            if content:
+                                yield content
+                            if choice.get("finish_reason"):
+                                finished = True
+                        elif "error" in chunk:
+                            raise _error_from_body(0, chunk["error"])
+                        usage = chunk.get("usage")
+                        if usage:
+                            yield Usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+                if not finished and pending[5:].strip() != b"[DONE]":
                     raise UpstreamUnavailable("the upstream ended the stream before finishing")
         except ProviderError as exc:
             raise _scrubbed(exc, headers) from None
