@@ -21,7 +21,7 @@ from core.chat import ChatService
 from core.config import Config, ConfigError, first_problem
 from core.keys import CONFIG, PLUGINS, SERVICE
 from core.plugins import history_store_factories, make_plugin_manager, provider_factories
-from core.providers import ModelRegistry
+from core.registry import ModelRegistry
 from core.templates import PromptTemplates
 from core.web import add_request_id, request_context
 
@@ -65,6 +65,7 @@ async def open_service(
     jar = aiohttp.DummyCookieJar()
     async with aiohttp.ClientSession(connector=connector, cookie_jar=jar) as http:
         models = ModelRegistry.build(config.models, provider_factories(pm), http)
+        await models.open()
         try:
             store = store_factory(config.history.options(), config.base_dir)
         except ValidationError as exc:

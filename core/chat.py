@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
@@ -29,7 +29,8 @@ from core.events import (
     FeedbackReceived,
 )
 from core.history import HistoryStore, MessageRecord, Outcome, Status
-from core.providers import Message, ModelCall, ModelRegistry, Provider, ProviderError, Usage
+from core.providers import Message, ModelCall, Provider, ProviderError, Usage
+from core.registry import ModelRegistry
 from core.schemas import ChatRequest, FeedbackRequest
 from core.templates import PromptTemplates
 from core.web import ApiError
@@ -56,7 +57,8 @@ class TurnResult:
     message_id: str
     text: str
     status: Status
-    error: ProviderError | None = None
+    error: ProviderError | None
+    model: str  # the model that answered
 
 
 class ChatService:
@@ -83,8 +85,7 @@ class ChatService:
     async def start(self, request: ChatRequest, caller: Caller) -> ChatTurn:
         """Steps 2-5 of the flow; raises ApiError before anything is stored."""
         model = request.model_name or self.default_model
-        provider = self.models.get(model)
-        if provider is None:
+        if self.models.get(model) is None:
             raise ApiError(
                 400,
                 "unknown_model",
@@ -107,8 +108,8 @@ class ChatService:
             tenant=caller.tenant,
             created_at=time.time(),
         )
-        turn = ChatTurn(self, provider, record, caller.request_id)
-        self.bus.publish(ChatReceived(**turn.ids, stream=request.stream))
+        turn = ChatTurn(self, record, caller.request_id)
+        self.bus.publish(ChatReceived(**turn.ids, model=model, stream=request.stream))
         history = await self._history(request, caller.tenant)
         messages = [
             *history,
@@ -117,7 +118,7 @@ class ChatService:
         messages = self._hooks.prepare_messages(request=request, messages=messages)
         turn.call = ModelCall(messages, request.temperature, request.max_tokens)
         await self.store.add_message(record)
-        self.bus.publish(ChatStarted(**turn.ids, history_turns=len(history) // 2))
+        self.bus.publish(ChatStarted(**turn.ids, model=model, history_turns=len(history) // 2))
         return turn
 
     async def feedback(self, request: FeedbackRequest, caller: Caller) -> None:
@@ -171,18 +172,14 @@ class ChatTurn:
 
     call: ModelCall
 
-    def __init__(
-        self, service: ChatService, provider: Provider, record: MessageRecord, request_id: str
-    ) -> None:
+    def __init__(self, service: ChatService, record: MessageRecord, request_id: str) -> None:
         self._service = service
-        self._provider = provider
         self.record = record
         self.ids = {
             "message_id": record.message_id,
             "conversation_id": record.conversation_id,
             "tenant": record.tenant,
             "request_id": request_id,
-            "model": record.model,
             "query": record.query,
         }
 
@@ -196,49 +193,88 @@ class ChatTurn:
         On cancellation or `ClientDisconnected` the upstream call is closed at once, the
         partial text is recorded as `cancelled` in the background, and the error propagates.
         """
-        parts: list[str] = []
-        usage: Usage | None = None
-        started = time.perf_counter()
-        first: float | None = None
+        answer = _Answer(model=self.record.model, started=time.perf_counter())
         try:
-            async with aclosing(self._provider.stream(self.call)) as pieces:
+            await self._answer(answer, send)
+        except (asyncio.CancelledError, ClientDisconnected):
+            self._service.spawn(self._finish(answer, Status.CANCELLED))
+            raise
+        except ProviderError as exc:
+            return await self._finish(answer, Status.FAILED, exc)
+        return await self._finish(answer, Status.COMPLETED)
+
+    async def _answer(self, answer: _Answer, send: Send | None) -> None:
+        """The model, then its retries, then its fallbacks, until one answers. Once the
+        client has text, nothing is retried: a failure then fails the turn."""
+        error: ProviderError | None = None
+        for route in self._service.models.chain(self.record.model):
+            answer.model = route.name
+            for attempt in range(route.retries + 1):
+                if attempt:
+                    assert error is not None
+                    await asyncio.sleep(route.delay(attempt, error))
+                try:
+                    await self._relay(route.provider, answer, send)
+                except ProviderError as exc:
+                    route.record(exc)
+                    if answer.parts:
+                        raise
+                    error = exc
+                    log.warning(
+                        "model failed",
+                        model=route.name,
+                        attempt=attempt + 1,
+                        error=exc.type,
+                        message_id=self.message_id,
+                    )
+                    if not exc.retryable:
+                        break
+                else:
+                    route.record(None)
+                    return
+        assert error is not None
+        raise error
+
+    async def _relay(self, provider: Provider, answer: _Answer, send: Send | None) -> None:
+        """The hot path: every delta from the provider straight to the transport."""
+        parts = answer.parts
+        try:
+            async with aclosing(provider.stream(self.call)) as pieces:
                 async for piece in pieces:
                     if piece.__class__ is str:
-                        if first is None:
-                            first = time.perf_counter()
+                        if answer.first is None:
+                            answer.first = time.perf_counter()
                         parts.append(piece)
                         if send is not None:
                             await send(piece)
                     elif isinstance(piece, Usage):
-                        usage = piece
-        except (asyncio.CancelledError, ClientDisconnected):
-            ended = _Ending(Status.CANCELLED, parts, usage, started, first)
-            self._service.spawn(self._finish(ended))
+                        answer.usage = piece
+        except (ProviderError, asyncio.CancelledError, ClientDisconnected):
             raise
-        except ProviderError as exc:
-            return await self._finish(_Ending(Status.FAILED, parts, usage, started, first, exc))
-        except Exception as exc:
-            log.exception("provider crashed", model=self.record.model)
-            error = ProviderError(f"the provider failed: {type(exc).__name__}")
-            return await self._finish(_Ending(Status.FAILED, parts, usage, started, first, error))
-        return await self._finish(_Ending(Status.COMPLETED, parts, usage, started, first))
+        except Exception as exc:  # a provider bug must not crash the turn unrecorded
+            log.exception("provider crashed", model=answer.model, message_id=self.message_id)
+            raise ProviderError(f"the provider failed: {type(exc).__name__}") from None
 
-    async def _finish(self, end: _Ending) -> TurnResult:
-        text = "".join(end.parts)
-        latency = time.perf_counter() - end.started
-        first_token = end.first - end.started if end.first is not None else None
-        error = end.error
-        outcome = Outcome(text, end.status, end.usage, latency, error.type if error else None)
+    async def _finish(
+        self, answer: _Answer, status: Status, error: ProviderError | None = None
+    ) -> TurnResult:
+        text = "".join(answer.parts)
+        latency = time.perf_counter() - answer.started
+        first_token = answer.first - answer.started if answer.first is not None else None
+        outcome = Outcome(
+            text, status, answer.usage, latency, error.type if error else None, answer.model
+        )
         try:
             await self._service.store.finish_message(self.message_id, outcome)
         except Exception:
             log.exception(
-                "could not store the end of a turn", message_id=self.message_id, status=end.status
+                "could not store the end of a turn", message_id=self.message_id, status=status
             )
         common = {
             **self.ids,
+            "model": answer.model,  # the model that answered, a fallback perhaps
             "text": text,
-            "usage": end.usage,
+            "usage": answer.usage,
             "latency": latency,
             "first_token_latency": first_token,
         }
@@ -246,19 +282,20 @@ class ChatTurn:
             event: ChatCompleted | ChatFailed | ChatCancelled = ChatFailed(
                 **common, error_type=error.type, error_message=str(error)
             )
-        elif end.status is Status.CANCELLED:
+        elif status is Status.CANCELLED:
             event = ChatCancelled(**common)
         else:
             event = ChatCompleted(**common)
         self._service.bus.publish(event)
-        return TurnResult(self.message_id, text, end.status, error)
+        return TurnResult(self.message_id, text, status, error, answer.model)
 
 
 @dataclass(slots=True)
-class _Ending:
-    status: Status
-    parts: list[str]
-    usage: Usage | None
+class _Answer:
+    """What a turn has produced so far."""
+
+    model: str  # the model answering: the requested one, or the fallback trying now
     started: float
-    first: float | None
-    error: ProviderError | None = None
+    parts: list[str] = field(default_factory=list)
+    usage: Usage | None = None
+    first: float | None = None

@@ -57,10 +57,17 @@ class HistoryConfig(BaseModel):
 
 
 class ModelConfig(BaseModel):
-    """One configured model: `provider` names the kind; other keys belong to that provider."""
+    """One configured model: `provider` names the kind, the keys below are chatbus's, and
+    every other key belongs to that provider."""
 
     model_config = ConfigDict(extra="allow")
     provider: str
+    # Before the first delta only: a retryable failure (connect error, timeout, 429, 5xx) is
+    # retried `retries` times with exponential backoff from `retry_backoff` seconds; then,
+    # on any failure, the `fallbacks` are tried in order, each with its own retries.
+    retries: int = Field(2, ge=0, le=10)
+    retry_backoff: float = Field(0.5, ge=0, le=60)
+    fallbacks: list[str] = []
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})

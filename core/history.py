@@ -48,6 +48,7 @@ class Outcome:
     usage: Usage | None
     latency: float
     error: str | None = None
+    model: str | None = None  # the model that answered, when not the one asked for
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,14 +6,11 @@ A provider turns one `ModelCall` into an async iterator of text deltas. It may y
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
-from pydantic import ValidationError
-
-from core.config import ConfigError, ModelConfig, first_problem
 
 Message = dict[str, str]  # {"role": ..., "content": ...}, the OpenAI shape
 
@@ -33,6 +30,9 @@ class ModelCall:
 
 @runtime_checkable
 class Provider(Protocol):
+    """Required: `stream`. Optional: `async def open(self)`, awaited once at start-up (load a
+    heavy library there), and `async def aclose(self)`, awaited at shut-down."""
+
     def stream(self, call: ModelCall) -> AsyncIterator[str | Usage]: ...
 
 
@@ -86,48 +86,3 @@ class ContextWindowExceeded(BadRequest):
 
 class MalformedResponse(ProviderError):
     type = "malformed_response"
-
-
-class ModelRegistry:
-    """The configured models, each bound to a provider built by its kind's factory."""
-
-    def __init__(self, providers: Mapping[str, Provider]) -> None:
-        self._providers = dict(providers)
-
-    @classmethod
-    def build(
-        cls,
-        models: Mapping[str, ModelConfig],
-        factories: Mapping[str, ProviderFactory],
-        http: aiohttp.ClientSession,
-    ) -> ModelRegistry:
-        providers = {}
-        for name, model in models.items():
-            factory = factories.get(model.provider)
-            if factory is None:
-                known = ", ".join(sorted(factories))
-                raise ConfigError(
-                    f"models.{name}.provider: unknown provider kind '{model.provider}'"
-                    f" (known: {known})"
-                )
-            spec = ModelSpec(name=name, provider=model.provider, options=model.options())
-            try:
-                providers[name] = factory(spec, http)
-            except ValidationError as exc:
-                raise ConfigError(first_problem(exc, f"models.{name}")) from None
-            except ValueError as exc:
-                raise ConfigError(f"models.{name}: {exc}") from None
-        return cls(providers)
-
-    @property
-    def names(self) -> list[str]:
-        return sorted(self._providers)
-
-    def get(self, name: str) -> Provider | None:
-        return self._providers.get(name)
-
-    async def aclose(self) -> None:
-        for provider in self._providers.values():
-            close = getattr(provider, "aclose", None)
-            if close is not None:
-                await close()

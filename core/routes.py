@@ -12,6 +12,7 @@ from core.web import REQUEST_ID, json_response, read_body
 
 def add_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/chat/feedback", feedback)
+    router.add_get("/models", models)
 
 
 def caller_of(request: web.Request) -> Caller:
@@ -25,3 +26,10 @@ async def feedback(request: web.Request) -> web.Response:
     return json_response(
         {"code": 200, "msg": f"feedback recorded for {body.message_id}", "data": None}
     )
+
+
+async def models(request: web.Request) -> web.Response:
+    """The configured models, their provider kind and fallbacks, and whether each answered
+    the last time it was called (`reachable` is null until then)."""
+    service = request.app[SERVICE]
+    return json_response({"models": service.models.describe(service.default_model)})

@@ -92,6 +92,7 @@ def make_config(tmp_path: Path, upstream: FakeUpstream | None = None, **extra: A
             "base_url": upstream.base_url,
             "model": "fake-model",
             "read_timeout": 5,
+            "retry_backoff": 0.01,  # retries stay on, and quick
         }
     data = {
         "default_model": "echo",

@@ -64,6 +64,8 @@ class Behaviour:
     fail_status: int | None = None
     """Answer with this HTTP status and an OpenAI-shaped JSON error body."""
     fail_message: str = "fake failure"
+    fail_times: int | None = None
+    """With ``fail_status``: fail only this many requests (counted down), then answer."""
     retry_after: str | None = None
     """``Retry-After`` header sent along with ``fail_status``."""
     break_after: int | None = None
@@ -241,7 +243,7 @@ class FakeUpstream:
                 await asyncio.sleep(b.first_delay)
             if not isinstance(parsed, dict):
                 return _error_response(400, "request body must be a JSON object")
-            if b.fail_status is not None:
+            if b.fail_status is not None and self._should_fail():
                 return _error_response(b.fail_status, b.fail_message, b.retry_after)
             pieces, finish = _pieces(b, body)
             if body.get("stream"):
@@ -250,6 +252,14 @@ class FakeUpstream:
         except asyncio.CancelledError:
             self._client_gone()
             raise
+
+    def _should_fail(self) -> bool:
+        if self.behaviour.fail_times is None:
+            return True
+        if self.behaviour.fail_times <= 0:
+            return False
+        self.behaviour.fail_times -= 1
+        return True
 
     async def _complete(
         self,

@@ -65,8 +65,9 @@ async def test_chatchats_own_client_reads_both_forms(start_chatbus: StartChatbus
 
 async def test_upstream_failure_before_streaming(chatbus: Chatbus, upstream: FakeUpstream) -> None:
     upstream.behaviour.fail_status = 429
-    upstream.behaviour.retry_after = "3"
+    upstream.behaviour.retry_after = "0"
     stream = await chatbus.chat(query="x", model_name="fake")
+    assert len(upstream.received) == 3  # retried twice (the default), then failed
     assert stream.status == 200
     (frame,) = stream.frames
     assert frame["text"] == ""
@@ -108,7 +109,12 @@ async def test_malformed_upstream_stream(chatbus: Chatbus, upstream: FakeUpstrea
 
 
 async def test_upstream_unreachable(start_chatbus: StartChatbus) -> None:
-    unreachable = {"provider": "openai_compat", "base_url": "http://127.0.0.1:9/v1", "model": "m"}
+    unreachable = {
+        "provider": "openai_compat",
+        "base_url": "http://127.0.0.1:9/v1",
+        "model": "m",
+        "retry_backoff": 0.01,
+    }
     chatbus = await start_chatbus(models={"down": unreachable})
     stream = await chatbus.chat(query="x", model_name="down")
     assert stream.frames[-1]["error"]["type"] == "upstream_unavailable"

@@ -109,14 +109,15 @@ class SqliteStore:
 
     async def finish_message(self, message_id: str, outcome: Outcome) -> None:
         await self._write(
-            "UPDATE messages SET response = ?, status = ?, usage = ?, latency = ?, error = ?"
-            " WHERE message_id = ?",
+            "UPDATE messages SET response = ?, status = ?, usage = ?, latency = ?, error = ?,"
+            " model = coalesce(?, model) WHERE message_id = ?",
             (
                 outcome.response,
                 outcome.status,
                 _usage_json(outcome.usage),
                 outcome.latency,
                 outcome.error,
+                outcome.model,
                 message_id,
             ),
         )
