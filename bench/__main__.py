@@ -2,8 +2,10 @@
 
 Starts two fake upstreams (fast: no delay; slow: a token every 50 ms) and chatbus against
 them, drives each path from a separate load process (`bench.load`), samples chatbus's RSS,
-and writes the side-by-side table (markdown) and the raw numbers (JSON, next to it).
-Loopback only; every child is killed on the way out, Ctrl-C included.
+and writes the side-by-side table (markdown) and the raw numbers (JSON, next to it). Then
+the litellm path: a second chatbus whose only model is litellm's (`openai/fake-model` at the
+fast upstream, so its start-up includes the import), against litellm called directly in the
+load process. Loopback only; every child is killed on the way out, Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import http.client
+import importlib.metadata
 import os
 import platform
 import signal
@@ -38,6 +41,9 @@ from bench.procs import (
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.md"
 DIRECT, CHATBUS = report.DIRECT, report.CHATBUS
+LITELLM_DIRECT, CHATBUS_LITELLM = report.LITELLM_DIRECT, report.CHATBUS_LITELLM
+LITELLM_AT_USAGE = report.LITELLM_AT_USAGE
+LITELLM_KEY_ENV = "BENCH_LITELLM_API_KEY"  # the fake upstream takes any key; litellm wants one
 
 
 @dataclass(frozen=True)
@@ -51,13 +57,17 @@ class Counts:
     slow_tokens: int
     slow_gap_ms: float
     deadline_s: float
+    # litellm costs ~15 ms of CPU an answer: fewer answers for its rate runs
+    lite_seq_count: int
+    lite_seq_warmup: int
+    lite_rate_count: int
 
 
-FULL = Counts(1000, 100, 3000, 100, 20, 1000, 200, 50.0, 240.0)
-QUICK = Counts(50, 10, 200, 100, 20, 50, 20, 50.0, 90.0)
+FULL = Counts(1000, 100, 3000, 100, 20, 1000, 200, 50.0, 420.0, 1000, 100, 1000)
+QUICK = Counts(50, 10, 200, 100, 20, 50, 20, 50.0, 110.0, 30, 5, 100)
 
 CONFIG = """\
-default_model = "fast"
+default_model = "{default}"
 
 [server]
 host = "127.0.0.1"
@@ -68,7 +78,9 @@ backend = "sqlite"
 
 [history.sqlite]
 path = "{db}"
+"""
 
+MODELS = """
 [models.fast]
 provider = "openai_compat"
 base_url = "{fast}"
@@ -78,6 +90,14 @@ model = "fake-model"
 provider = "openai_compat"
 base_url = "{slow}"
 model = "fake-model"
+"""
+
+LITELLM_MODELS = """
+[models.lite]
+provider = "litellm"
+model = "openai/fake-model"
+api_base = "{fast}"
+api_key_env = "{key_env}"
 """
 
 
@@ -97,17 +117,19 @@ class Bench:
         proc = self.procs.spawn(name, argv)
         return proc.pid, wait_for_file(ready, proc, self.deadline.left(15))
 
-    def chatbus(self, fast: str, slow: str) -> tuple[subprocess.Popen[bytes], str, float]:
+    def chatbus(
+        self, name: str, default: str, models: str
+    ) -> tuple[subprocess.Popen[bytes], str, float]:
         """Start chatbus; seconds from spawning it to its first successful answer."""
-        config = self.tmp / "bench.toml"
-        db = self.tmp / "bench.db"
-        config.write_text(CONFIG.format(db=db, fast=fast, slow=slow))
+        config = self.tmp / f"{name}.toml"
+        db = self.tmp / f"{name}.db"
+        config.write_text(CONFIG.format(default=default, db=db) + models)
         port = free_port()
         argv = [sys.executable, "-m", "core.cli", "--config", str(config)]
         argv += ["serve", "--port", str(port)]
         started = time.perf_counter()
-        proc = self.procs.spawn("chatbus", argv)
-        first_answer(port, proc, self.deadline.left(30))
+        proc = self.procs.spawn(name, argv)
+        first_answer(port, proc, default, self.deadline.left(30))
         return proc, f"http://127.0.0.1:{port}", time.perf_counter() - started
 
     def load(self, mode: str, kind: str, url: str, tokens: int, count: int, **opts: Any) -> Any:
@@ -122,9 +144,9 @@ class Bench:
         return self.procs.run_json(f"load-{mode}", argv, timeout + 5)
 
 
-def first_answer(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """Poll `/chat/chat` until chatbus answers 200 with a text."""
-    body = orjson.dumps({"query": "ready?", "model_name": "fast"})
+def first_answer(port: int, proc: subprocess.Popen[bytes], model: str, timeout: float) -> None:
+    """Poll `/chat/chat` until chatbus answers 200 with a text from `model`."""
+    body = orjson.dumps({"query": "ready?", "model_name": model})
     ends = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < ends:
@@ -153,7 +175,9 @@ def run(counts: Counts, procs: Procs, deadline: Deadline, tmp: Path) -> dict[str
     fast_pid, fast_url = bench.upstream("upstream-fast", c.tokens, 0.0)
     slow_pid, slow_url = bench.upstream("upstream-slow", c.slow_tokens, c.slow_gap_ms / 1000)
     progress("starting chatbus")
-    proc, chatbus_url, startup = bench.chatbus(fast_url, slow_url)
+    proc, chatbus_url, startup = bench.chatbus(
+        "chatbus", "fast", MODELS.format(fast=fast_url, slow=slow_url)
+    )
     time.sleep(0.5)
     rest = rss_kb(proc.pid)
 
@@ -209,14 +233,61 @@ def run(counts: Counts, procs: Procs, deadline: Deadline, tmp: Path) -> dict[str
 
     if proc.poll() is not None:
         raise BenchError(f"chatbus exited {proc.returncode} during the run")
+
+    lite, lite_startup, lite_rest = litellm_paths(bench, fast_url, fast_pid)
+    paths.update(lite)
     runs = [*(p[k] for p in paths.values() for k in ("seq", "rate")), *slow.values()]
     return {
-        "startup": {"seconds": startup},
-        "rss_kb": {"rest": rest},
-        "paths": {**paths, "chatbus_litellm": {"available": False, "note": report.LITELLM_NOTE}},
+        "startup": {"seconds": startup, "litellm_seconds": lite_startup},
+        "rss_kb": {"rest": rest, "litellm_rest": lite_rest},
+        "paths": paths,
         "slow": slow,
         "errors_total": sum(report.errors_of(r) for r in runs),
     }
+
+
+def litellm_paths(
+    bench: Bench, fast_url: str, fast_pid: int
+) -> tuple[dict[str, dict[str, Any]], float, int | None]:
+    """litellm in the load process (the floor), the same read as chatbus reads it (up to the
+    usage chunk), and chatbus's litellm model: the same requests.
+
+    A chatbus of its own, started only now: its start-up includes importing litellm, and
+    the openai_compat figures above are of a chatbus that never imported it."""
+    c = bench.counts
+    progress("starting chatbus with a litellm model")
+    models = LITELLM_MODELS.format(fast=fast_url, key_env=LITELLM_KEY_ENV)
+    proc, url, startup = bench.chatbus("chatbus-litellm", "lite", models)
+    time.sleep(0.5)
+    rest = rss_kb(proc.pid)
+    routes = {
+        LITELLM_DIRECT: ("litellm", fast_url),
+        LITELLM_AT_USAGE: ("litellm:at-usage", fast_url),
+        CHATBUS_LITELLM: ("chatbus:lite", url),
+    }
+    paths: dict[str, dict[str, Any]] = {key: {} for key in routes}
+    for key, (kind, target) in routes.items():
+        paths[key]["seq"] = bench.load(
+            "seq", kind, target, c.tokens, c.lite_seq_count, warmup=c.lite_seq_warmup, cap=90.0
+        )
+    for key, (kind, target) in routes.items():
+        pids = {"chatbus": proc.pid, "upstream": fast_pid}
+        with Sampler(proc.pid, pids) as sampler:
+            rate = bench.load(
+                "rate", kind, target, c.tokens, c.lite_rate_count, concurrency=c.concurrency
+            )
+        cores = sampler.cores(*rate["window_wall"])
+        paths[key]["rate"] = rate
+        paths[key]["cpu_cores"] = cores
+        paths[key]["cpu_ms_per_chat"] = {
+            **{name: busy * 1000 / max(rate["chats_per_s"], 1e-9) for name, busy in cores.items()},
+            "client": rate["client_cpu_s"] * 1000 / c.lite_rate_count,
+        }
+        if key == CHATBUS_LITELLM:
+            paths[key]["rss_peak_kb"] = sampler.peak_rss(*rate["window_wall"])
+    if proc.poll() is not None:
+        raise BenchError(f"chatbus-litellm exited {proc.returncode} during the run")
+    return paths, startup, rest
 
 
 def machine() -> dict[str, Any]:
@@ -228,7 +299,12 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    try:
+        litellm = importlib.metadata.version("litellm")
+    except importlib.metadata.PackageNotFoundError:
+        litellm = "not installed"
     return {
+        "litellm": litellm,
         "nproc": len(os.sched_getaffinity(0)),
         "cpu": cpu,
         "python": platform.python_version(),
@@ -269,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminated)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATBUS_")}
     env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    env[LITELLM_KEY_ENV] = "sk-bench"
     began = time.perf_counter()
     with (
         tempfile.TemporaryDirectory(prefix="chatbus-bench-") as tmp,
@@ -278,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             results = run(counts, procs, Deadline(counts.deadline_s), Path(tmp))
         except BenchError as exc:
             print(f"bench: {exc}", file=sys.stderr)
-            for name in ("chatbus", "upstream-fast", "upstream-slow"):
+            for name in ("chatbus", "chatbus-litellm", "upstream-fast", "upstream-slow"):
                 print(f"--- {name} log:\n{procs.log_tail(name)}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:

@@ -1,12 +1,17 @@
 """The load generator, a process of its own: drives one path and prints one JSON object.
 
-    python -m bench.load seq     --kind direct|chatbus --url URL --tokens N --count N --warmup N
+    python -m bench.load seq     --kind direct|litellm|litellm:at-usage|chatbus:MODEL --url URL
+                                 --tokens N --count N --warmup N
     python -m bench.load rate    --kind ... --count N --concurrency C
     python -m bench.load streams --kind ... --count N   (all open at once, frame gaps measured)
 
-`--url` is the upstream's base URL (`.../v1`) for `direct`, chatbus's root for `chatbus`.
-An answer counts only if it is whole: status 200, exactly `--tokens` content frames, the
-end of the stream (`[DONE]` then EOF direct, EOF through chatbus) and no error frame.
+`--url` is the upstream's base URL (`.../v1`) for `direct` and `litellm`, chatbus's root for
+`chatbus:MODEL`. `litellm` is litellm called in this process (`litellm.acompletion`, streamed,
+read to its end), the floor of chatbus's litellm path; `litellm:at-usage` reads it as chatbus
+does, up to the usage chunk (litellm's success logging skipped). An answer counts only if
+it is whole: status 200,
+exactly `--tokens` content frames, the end of the stream (`[DONE]` then EOF direct, EOF
+through chatbus, litellm's end) and no error frame.
 """
 
 from __future__ import annotations
@@ -16,19 +21,23 @@ import asyncio
 import gc
 import itertools
 import math
+import os
 import resource
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import aiohttp
 import orjson
 
 QUERY = "Tell me something for the benchmark."
+MESSAGES = [{"role": "user", "content": QUERY}]
 HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+GC_YOUNG_THRESHOLD = 50_000  # chatbus's own setting (core/server.py), for the litellm floor
 
 
 class BadAnswer(Exception):
@@ -43,13 +52,18 @@ class Target:
     url: str
     body: bytes
     tokens: int
+    litellm: bool = False
+    at_usage: bool = False  # stop reading litellm's stream at its usage chunk, as chatbus does
 
     @classmethod
     def of(cls, kind: str, url: str, tokens: int) -> Target:
+        if kind in ("litellm", "litellm:at-usage"):  # chatbus's litellm call, in this process
+            at_usage = kind == "litellm:at-usage"
+            return cls(False, url.rstrip("/"), b"", tokens, litellm=True, at_usage=at_usage)
         if kind == "direct":  # the request chatbus itself sends upstream
             body = {
                 "model": "fake-model",
-                "messages": [{"role": "user", "content": QUERY}],
+                "messages": MESSAGES,
                 "stream": True,
                 "temperature": 0.7,
                 "stream_options": {"include_usage": True},
@@ -85,6 +99,8 @@ async def chat(
     on_first: Callable[[], None] | None = None,
 ) -> None:
     """One whole streamed answer, read to EOF; `stamps` gets each content frame's time."""
+    if target.litellm:
+        return await litellm_chat(target, limits, stamps, on_first)
     clock = time.perf_counter
     async with session.post(target.url, data=target.body, headers=HEADERS, timeout=limits) as r:
         if r.status != 200:
@@ -111,6 +127,71 @@ async def chat(
         raise BadAnswer("the stream ended without [DONE]")
     if frames != target.tokens:
         raise BadAnswer(f"{frames} content frames, expected {target.tokens}")
+
+
+_litellm: ModuleType | None = None
+_litellm_errors: tuple[type[Exception], ...] = ()
+
+
+def load_litellm() -> ModuleType:
+    """Import litellm as chatbus's provider does: cost map local, banners off."""
+    global _litellm, _litellm_errors
+    if _litellm is None:
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        import litellm
+        import openai  # litellm's dependency: the base class of all its errors
+
+        litellm.suppress_debug_info = True
+        _litellm, _litellm_errors = litellm, (openai.OpenAIError,)
+    return _litellm
+
+
+async def litellm_chat(
+    target: Target,
+    limits: aiohttp.ClientTimeout,
+    stamps: list[float] | None = None,
+    on_first: Callable[[], None] | None = None,
+) -> None:
+    """One whole answer through `litellm.acompletion(stream=True)`, as chatbus calls it."""
+    litellm = load_litellm()
+    clock = time.perf_counter
+    frames = 0
+    usage = None
+    response = None
+    try:
+        response = await litellm.acompletion(
+            model="openai/fake-model",
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+            temperature=0.7,
+            api_base=target.url,
+            api_key="sk-bench",
+            timeout=limits.total,
+            num_retries=0,
+        )
+        async for chunk in response:
+            choices = chunk.choices
+            if choices and choices[0].delta.content:
+                frames += 1
+                if stamps is not None:
+                    stamps.append(clock())
+                    if frames == 1 and on_first is not None:
+                        on_first()
+            found = getattr(chunk, "usage", None)
+            if found is not None:
+                usage = found
+                if target.at_usage and not choices:
+                    break
+    except _litellm_errors as exc:
+        raise BadAnswer(f"{type(exc).__name__}: {exc}"[:300]) from None
+    finally:
+        if response is not None:
+            await response.aclose()
+    if frames != target.tokens:
+        raise BadAnswer(f"{frames} content frames, expected {target.tokens}")
+    if usage is None:
+        raise BadAnswer("no usage at the end")
 
 
 async def attempt(
@@ -287,12 +368,27 @@ def main(argv: list[str] | None = None) -> int:
         async with asyncio.timeout(args.deadline):
             return await MODES[args.mode](args, target)
 
-    # The instrument must not stall: with the cyclic GC on, this process's own pauses (tens of
-    # ms with a thousand streams) would be charged to whichever path is measured. One short
-    # run leaks at most some MB of cycles.
-    gc.disable()
+    run: Callable[[Any], Any] = asyncio.run
+    if target.litellm:
+        # Here this process is the path measured, not only its client: it runs litellm the
+        # way chatbus runs it (uvloop; start-up frozen out of the GC, young collections rare).
+        load_litellm()
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
+        try:
+            import uvloop
+
+            run = uvloop.run
+        except ImportError:
+            pass
+    else:
+        # The instrument must not stall: with the cyclic GC on, this process's own pauses
+        # (tens of ms with a thousand streams) would be charged to whichever path is
+        # measured. One short run leaks at most some MB of cycles.
+        gc.disable()
     try:
-        result = asyncio.run(bounded())
+        result = run(bounded())
     except TimeoutError:
         print(f"bench.load: {args.mode} passed its {args.deadline:.0f} s deadline", file=sys.stderr)
         return 1

@@ -24,9 +24,18 @@ def test_quick_bench_writes_the_report(tmp_path: Path) -> None:
 
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    for path in ("direct (floor)", "chatbus openai_compat", "chatbus litellm"):
+    names = (
+        "direct (floor)",
+        "chatbus openai_compat",
+        "litellm direct in-process (litellm floor)",
+        "litellm direct, read to the usage as chatbus does",
+        "chatbus litellm",
+    )
+    for path in names:
         assert any(row.startswith(f"| {path} |") for row in rows), path
-    assert "not available yet (issue 4: litellm provider)" in text
+    assert "not available yet" not in text
+    assert "litellm: chatbus adds < 10% to calling litellm directly" in text
+    assert "start-up with a litellm model configured" in text
     assert "## Slow streams" in text
     assert "## Targets" in text
     assert text in done.stdout  # the same table is printed
@@ -38,3 +47,9 @@ def test_quick_bench_writes_the_report(tmp_path: Path) -> None:
         assert results["paths"][path]["seq"]["errors"]["total"] == 0
         assert results["paths"][path]["rate"]["errors"]["total"] == 0
         assert results["slow"][path]["errors"]["total"] == 0
+    for path in ("litellm_direct", "litellm_at_usage", "chatbus_litellm"):
+        assert results["paths"][path]["seq"]["errors"]["total"] == 0
+        assert results["paths"][path]["rate"]["errors"]["total"] == 0
+        assert results["paths"][path]["seq"]["latency_ms"]["p50"] > 0
+    # With a litellm model, start-up includes importing litellm; without, it does not.
+    assert results["startup"]["litellm_seconds"] > results["startup"]["seconds"]

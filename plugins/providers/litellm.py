@@ -1,0 +1,330 @@
+"""Any of litellm's 100+ model APIs (OpenAI, Anthropic, Bedrock, Vertex, Azure, Gemini, ...)
+through `litellm.acompletion(stream=True)`.
+
+litellm is heavy (seconds and some hundreds of MB to import), so chatbus never imports it
+unless a model with `provider = "litellm"` is configured: `open` imports it in a thread at
+start-up, with `LITELLM_LOCAL_MODEL_COST_MAP=True` so that the import never reaches for the
+network. litellm's own retries are off (chatbus retries before the first delta itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import AsyncIterator
+from types import ModuleType
+from typing import Any
+
+import aiohttp
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from core.hookspecs import hookimpl
+from core.providers import (
+    AuthenticationFailed,
+    BadRequest,
+    ContextWindowExceeded,
+    MalformedResponse,
+    ModelCall,
+    ModelSpec,
+    ProviderError,
+    RateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    Usage,
+)
+
+log = structlog.get_logger("chatbus.litellm")
+CONTEXT_HINTS = ("context_length", "context length", "maximum context", "too many tokens")
+LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
+# Options that give one call litellm callbacks of its own: such a model reads streams to the end.
+CALLBACK_OPTIONS = ("callbacks", "success_callback", "logger_fn")
+# Keys chatbus sets on every call: refused in the file, with the reason.
+RESERVED = {
+    "messages": "comes with each request",
+    "temperature": "comes with each request",
+    "max_tokens": "comes with each request",
+    "stream": "chatbus always streams",
+    "stream_options": "chatbus always asks for usage",
+    "num_retries": "chatbus retries itself: set `retries` on the model instead",
+}
+# "litellm.RateLimitError: RateLimitError: OpenAIException - ..." -> "OpenAIException - ..."
+_NAME_PREFIXES = re.compile(r"^(?:litellm\.\w+: |\w+(?:Error|Exception): )+")
+
+
+class LiteLLMOptions(BaseModel):
+    """The model's options; any key not named here goes to `litellm.acompletion` as is
+    (top_p, api_version, custom_llm_provider, mock_response, ...)."""
+
+    model_config = ConfigDict(extra="allow", hide_input_in_errors=True)
+
+    model: str = Field(min_length=1, description="litellm's name, e.g. openai/gpt-4o-mini")
+    api_base: str | None = Field(None, description="the API's base URL, when not the default")
+    api_key_env: str | None = Field(None, description="environment variable holding the key")
+    timeout: float = Field(120.0, gt=0, description="seconds: longest wait for the upstream")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if "api_key" in data:
+                raise ValueError(
+                    "api_key: keys never go in the file; name an environment"
+                    " variable in api_key_env instead"
+                )
+            for key, why in RESERVED.items():
+                if key in data:
+                    raise ValueError(f"{key}: not an option here, {why}")
+        return data
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+# --- the lazy import ----------------------------------------------------------------------
+
+_litellm: ModuleType | None = None
+
+
+async def load_litellm() -> ModuleType:
+    """litellm, imported once (in a thread: the event loop keeps running) and quietened."""
+    global _litellm
+    if _litellm is None:
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch at import
+        module = await asyncio.to_thread(importlib.import_module, "litellm")
+        module.suppress_debug_info = True  # no "Give Feedback / Get Help" banners
+        if hasattr(module, "telemetry"):  # gone from recent versions; off in older ones
+            module.telemetry = False
+        if "LITELLM_LOG" not in os.environ:  # an operator who asks for its logs gets them
+            for name in LITELLM_LOGGERS:
+                logging.getLogger(name).setLevel(logging.ERROR)
+        _litellm = module
+    return _litellm
+
+
+# --- the provider -------------------------------------------------------------------------
+
+
+class LiteLLMProvider:
+    def __init__(self, options: LiteLLMOptions) -> None:
+        self.options = options
+        # Everything but the messages, temperature, max_tokens and key: built once.
+        fixed: dict[str, Any] = {
+            **options.extra,
+            "model": options.model,
+            "stream": True,
+            "timeout": options.timeout,
+            "num_retries": 0,
+        }
+        if options.api_base is not None:
+            fixed["api_base"] = options.api_base
+        self._fixed = fixed
+        self._callbacks = any(name in options.extra for name in CALLBACK_OPTIONS)
+
+    async def open(self) -> None:
+        await load_litellm()
+
+    async def aclose(self) -> None:
+        """Close litellm's cached HTTP clients (shared by every litellm model)."""
+        close = getattr(_litellm, "close_litellm_async_clients", None)
+        if close is not None:
+            try:
+                await close()
+            except Exception:  # best effort at shut-down
+                log.warning("closing litellm's clients failed", exc_info=True)
+
+    def _key(self) -> str | None:
+        name = self.options.api_key_env
+        if not name:
+            return None  # litellm's own conventions apply (OPENAI_API_KEY, AWS_*, ...)
+        key = os.environ.get(name)
+        if not key:
+            raise AuthenticationFailed(f"the environment variable {name} is not set")
+        return key
+
+    async def stream(self, call: ModelCall) -> AsyncIterator[str | Usage]:
+        litellm = _litellm or await load_litellm()
+        key = self._key()
+        kwargs = {
+            **self._fixed,
+            "messages": call.messages,
+            "temperature": call.temperature,
+            "stream_options": {"include_usage": True},  # a fresh one: litellm may edit it
+        }
+        if call.max_tokens is not None:
+            kwargs["max_tokens"] = call.max_tokens
+        if key is not None:
+            kwargs["api_key"] = key
+        # litellm sends the usage in a chunk of its own once the upstream's answer is over;
+        # asked for one more chunk, it assembles the whole answer a second time (in a thread)
+        # and runs its success logging, which chatbus's own events replace. So the answer ends
+        # at the usage, unless some litellm success callback is there to be fed.
+        to_the_end = self._callbacks or _callbacks_configured(litellm)
+        response = None
+        usage = None
+        try:
+            response = await litellm.acompletion(**kwargs)
+            async for chunk in response:
+                choices = chunk.choices
+                if choices:
+                    content = choices[0].delta.content
+                    if content:
+                        yield content
+                found = getattr(chunk, "usage", None)
+                if found is not None:
+                    usage = found
+                    if not choices and not to_the_end:
+                        break
+        except Exception as exc:
+            error = provider_error(exc)
+            if error is None:
+                raise  # not litellm's: a bug, which the chat service logs whole
+            raise _scrubbed(error, key) from None
+        finally:
+            if response is not None:
+                # Closes the upstream response, so its connection is released at once when
+                # the client went away or the answer ended at its usage (litellm closes it
+                # itself when read to the end, or on an error).
+                await response.aclose()
+        if usage is not None:
+            yield Usage(usage.prompt_tokens, usage.completion_tokens)
+
+
+def _callbacks_configured(litellm: ModuleType) -> bool:
+    """Whether litellm has success callbacks to run (a plugin may have set some)."""
+    return bool(
+        getattr(litellm, "callbacks", None)
+        or getattr(litellm, "success_callback", None)
+        or getattr(litellm, "_async_success_callback", None)
+    )
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def provider_error(exc: BaseException) -> ProviderError | None:
+    """A chatbus error for an exception litellm raised; None if it is none of litellm's."""
+    openai = sys.modules.get("openai")
+    if _litellm is None or openai is None or not isinstance(exc, openai.OpenAIError):
+        return None
+    e = _litellm.exceptions
+    text = _describe(exc)
+    status = _status(exc)
+    # Not in every litellm >= 1.50: where a class is missing, an empty tuple matches nothing.
+    mid_stream = getattr(e, "MidStreamFallbackError", ())
+    bad_gateway = getattr(e, "BadGatewayError", ())
+    if isinstance(exc, mid_stream):  # a ServiceUnavailableError: first
+        original = getattr(exc, "original_exception", None)
+        if not isinstance(original, BaseException):
+            original = None
+        detail = text if original is None else _describe(original)
+        if _json_error_in_chain(exc):
+            return MalformedResponse(f"the upstream sent a frame that is not JSON ({detail})")
+        if isinstance(original, openai.OpenAIError) and not isinstance(
+            original, (mid_stream, openai.APIConnectionError)
+        ):
+            return provider_error(original)  # e.g. a rate limit reported mid-stream
+        return UpstreamUnavailable(f"the answer broke off: {detail}")
+    # Subclasses before their bases: ContextWindowExceededError is a BadRequestError, and
+    # litellm.Timeout an openai.APIConnectionError.
+    if isinstance(exc, e.ContextWindowExceededError):
+        return ContextWindowExceeded(text)
+    if isinstance(exc, e.AuthenticationError | e.PermissionDeniedError):
+        return AuthenticationFailed(text)
+    if isinstance(exc, e.RateLimitError):
+        return _rate_limited(text, exc)
+    if isinstance(exc, openai.APITimeoutError):  # litellm.Timeout included
+        return UpstreamTimeout(text)
+    invalid = (openai.BadRequestError, openai.NotFoundError, openai.UnprocessableEntityError)
+    if isinstance(exc, invalid):
+        hint = text.lower()
+        if any(h in hint for h in CONTEXT_HINTS):  # a context error litellm did not name
+            return ContextWindowExceeded(text)
+        return BadRequest(text)
+    if isinstance(exc, openai.APIConnectionError):  # litellm.APIConnectionError included
+        if _json_error_in_chain(exc):
+            return MalformedResponse(f"the upstream sent a frame that is not JSON ({text})")
+        return UpstreamUnavailable(text)
+    if isinstance(exc, (e.ServiceUnavailableError, e.InternalServerError, bad_gateway)):
+        return UpstreamUnavailable(text)
+    # Any other APIError (litellm raises its plain APIError for e.g. an OpenAI 403): by status.
+    if status in (401, 403):
+        return AuthenticationFailed(text)
+    if status == 429:
+        return _rate_limited(text, exc)
+    if status is not None and status >= 500:
+        return UpstreamUnavailable(text)
+    return ProviderError(text)
+
+
+def _status(exc: BaseException) -> int | None:
+    status = getattr(exc, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _describe(exc: BaseException) -> str:
+    """`RateLimitError (429): OpenAIException - slow down`, without litellm's repetitions."""
+    message = str(getattr(exc, "message", None) or exc)
+    message = message.split(" Original exception: ", 1)[0]
+    message = _NAME_PREFIXES.sub("", message).strip() or "no message"
+    status = _status(exc)
+    openai = sys.modules["openai"]
+    if isinstance(exc, openai.APIConnectionError) and status in (500, 408):
+        status = None  # litellm's stand-in for "no answer", not a status the upstream sent
+    name = type(exc).__name__
+    return f"{name} ({status}): {message}"[:500] if status else f"{name}: {message}"[:500]
+
+
+def _rate_limited(text: str, exc: BaseException) -> RateLimited:
+    error = RateLimited(text)
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is not None:
+        with contextlib.suppress(Exception):  # a stand-in response may have odd headers
+            error.retry_after = headers.get("retry-after")
+    return error
+
+
+def _json_error_in_chain(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, json.JSONDecodeError):
+            return True
+        seen.add(id(current))
+        following = current.__cause__ or current.__context__
+        if following is None:  # MidStreamFallbackError keeps its cause as an attribute
+            original = getattr(current, "original_exception", None)
+            following = original if isinstance(original, BaseException) else None
+        current = following
+    return False
+
+
+def _scrubbed(exc: ProviderError, key: str | None) -> ProviderError:
+    """Never let an upstream echo of our key reach a client or a log line."""
+    if key:
+        exc.args = tuple(str(arg).replace(key, "[redacted]") for arg in exc.args)
+    return exc
+
+
+# --- registration -------------------------------------------------------------------------
+
+
+@hookimpl
+def register_providers(register: Any) -> None:
+    register("litellm", make_litellm)
+
+
+def make_litellm(spec: ModelSpec, http: aiohttp.ClientSession | None = None) -> LiteLLMProvider:
+    """litellm has HTTP clients of its own: the app's session is not used."""
+    options = LiteLLMOptions.model_validate(spec.options)
+    if options.api_key_env and not os.environ.get(options.api_key_env):
+        log.warning("api key variable not set", model=spec.name, variable=options.api_key_env)
+    return LiteLLMProvider(options)
