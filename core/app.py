@@ -7,11 +7,13 @@ store, event bus) and closes it in reverse order; the aiohttp app holds it throu
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import aiohttp
 import pluggy
+import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -19,11 +21,14 @@ from core import routes
 from core.bus import EventBus
 from core.chat import ChatService
 from core.config import Config, ConfigError, first_problem
+from core.history import HistoryStore, StoreUnavailable
 from core.keys import CONFIG, PLUGINS, SERVICE
 from core.plugins import history_store_factories, make_plugin_manager, provider_factories
 from core.registry import ModelRegistry
 from core.templates import PromptTemplates
 from core.web import add_request_id, request_context
+
+log = structlog.get_logger("chatbus.app")
 
 
 def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Application:
@@ -52,25 +57,21 @@ async def open_service(
 ) -> AsyncIterator[ChatService]:
     pm = pm or make_plugin_manager(config.plugins.modules)
     prompts = PromptTemplates(config.prompts)
-    stores = history_store_factories(pm)
-    store_factory = stores.get(config.history.backend)
-    if store_factory is None:
-        raise ConfigError(
-            f"history.backend: unknown store '{config.history.backend}'"
-            f" (known: {', '.join(sorted(stores))})"
+    async with AsyncExitStack() as stack:
+        # Answers are long-lived streams: a pool cap would queue chats behind each other.
+        # Upstream APIs need no cookies; skipping the jar saves work on every request.
+        http = await stack.enter_async_context(
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar()
+            )
         )
-    # Answers are long-lived streams: a pool cap would queue chats behind each other.
-    connector = aiohttp.TCPConnector(limit=0)
-    # Upstream APIs need no cookies; skipping the jar saves work on every request.
-    jar = aiohttp.DummyCookieJar()
-    async with aiohttp.ClientSession(connector=connector, cookie_jar=jar) as http:
         models = ModelRegistry.build(config.models, provider_factories(pm), http)
+        store = _make_store(config, pm)
+        stack.push_async_callback(models.aclose)
         await models.open()
-        try:
-            store = store_factory(config.history.options(), config.base_dir)
-        except ValidationError as exc:
-            raise ConfigError(first_problem(exc, f"history.{config.history.backend}")) from None
+        stack.push_async_callback(store.close)
         await store.open()
+        await _sweep_interrupted(store, config.history.sweep_after_seconds)
         service = ChatService(
             config=config.chat,
             default_model=config.default_model,
@@ -83,6 +84,31 @@ async def open_service(
         try:
             yield service
         finally:
-            await service.drain()
-            await store.close()
-            await models.aclose()
+            await service.drain(grace=config.server.shutdown_grace_seconds)
+
+
+def _make_store(config: Config, pm: pluggy.PluginManager) -> HistoryStore:
+    backend = config.history.backend
+    stores = history_store_factories(pm)
+    if backend not in stores:
+        raise ConfigError(
+            f"history.backend: unknown store '{backend}' (known: {', '.join(sorted(stores))})"
+        )
+    try:
+        return stores[backend](config.history.options(), config.base_dir)
+    except ValidationError as exc:
+        raise ConfigError(first_problem(exc, f"history.{backend}")) from None
+    except ValueError as exc:
+        raise ConfigError(f"history.{backend}: {exc}") from None
+
+
+async def _sweep_interrupted(store: HistoryStore, after_seconds: float) -> None:
+    """Turns a crash left `streaming` are marked `interrupted`, so history never shows them
+    as still running."""
+    try:
+        swept = await store.mark_interrupted(time.time() - after_seconds)
+    except StoreUnavailable as exc:
+        log.warning("could not sweep interrupted turns: the store is unavailable", error=str(exc))
+        return
+    if swept:
+        log.info("marked interrupted turns", count=swept)

@@ -41,7 +41,7 @@ class EventBus:
 
     async def _deliver(self, event: Event, impls: list[HookImpl]) -> None:
         waits = []
-        for impl in impls:
+        for impl in reversed(impls):  # pluggy's own order: tryfirst first, trylast last
             try:
                 # A subscriber may leave out the argument: pluggy lets impls take a subset.
                 result = impl.function(**({"event": event} if impl.argnames else {}))

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
-from contextlib import aclosing
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ from core.events import (
     ChatStarted,
     FeedbackReceived,
 )
-from core.history import HistoryStore, MessageRecord, Outcome, Status
+from core.history import HistoryStore, MessageRecord, Outcome, Status, StoreUnavailable
 from core.providers import Message, ModelCall, Provider, ProviderError, Usage
 from core.registry import ModelRegistry
 from core.schemas import ChatRequest, FeedbackRequest
@@ -36,8 +36,19 @@ from core.templates import PromptTemplates
 from core.web import ApiError
 
 log = structlog.get_logger("chatbus.chat")
+SAVE_RETRY_FIRST, SAVE_RETRY_MAX = 0.5, 30.0  # seconds between tries to store an answer
 
 Send = Callable[[str], Awaitable[None]]
+
+
+@contextmanager
+def _store_available() -> Iterator[None]:
+    try:
+        yield
+    except StoreUnavailable as exc:
+        raise ApiError(
+            503, "store_unavailable", f"the history store is unavailable ({exc}); try again"
+        ) from None
 
 
 class ClientDisconnected(Exception):
@@ -110,21 +121,24 @@ class ChatService:
         )
         turn = ChatTurn(self, record, caller.request_id)
         self.bus.publish(ChatReceived(**turn.ids, model=model, stream=request.stream))
-        history = await self._history(request, caller.tenant)
+        with _store_available():
+            history = await self._history(request, caller.tenant)
         messages = [
             *history,
             {"role": "user", "content": self.prompts.render(request.prompt_name, request.query)},
         ]
         messages = self._hooks.prepare_messages(request=request, messages=messages)
         turn.call = ModelCall(messages, request.temperature, request.max_tokens)
-        await self.store.add_message(record)
+        with _store_available():
+            await self.store.add_message(record)
         self.bus.publish(ChatStarted(**turn.ids, model=model, history_turns=len(history) // 2))
         return turn
 
     async def feedback(self, request: FeedbackRequest, caller: Caller) -> None:
-        record = await self.store.set_feedback(
-            caller.tenant, request.message_id, request.score, request.reason
-        )
+        with _store_available():
+            record = await self.store.set_feedback(
+                caller.tenant, request.message_id, request.score, request.reason
+            )
         if record is None:
             raise ApiError(
                 404,
@@ -142,10 +156,58 @@ class ChatService:
             )
         )
 
-    async def drain(self) -> None:
-        """Wait for turns still being recorded (after a disconnect) and their events."""
+    async def save_outcome(self, message_id: str, outcome: Outcome) -> None:
+        """Write how a turn ended. If the store fails, keep trying in the background: the
+        answer is never silently dropped."""
+        try:
+            await self.store.finish_message(message_id, outcome)
+        except Exception as exc:
+            log.warning(
+                "could not store the end of a turn; retrying",
+                message_id=message_id,
+                error=repr(exc),
+            )
+            self.spawn(self._save_later(message_id, outcome))
+
+    async def _save_later(self, message_id: str, outcome: Outcome) -> None:
+        delay = SAVE_RETRY_FIRST
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    await self.store.finish_message(message_id, outcome)
+                except Exception as exc:
+                    delay = min(delay * 2, SAVE_RETRY_MAX)
+                    log.warning(
+                        "could not store the end of a turn; retrying",
+                        message_id=message_id,
+                        error=repr(exc),
+                        next_in=delay,
+                    )
+                else:
+                    log.info("stored the end of a turn after retrying", message_id=message_id)
+                    return
+        except asyncio.CancelledError:
+            # Shutting down while the store still fails: the log is the answer's last copy.
+            log.error(
+                "could not store the end of a turn before shutting down",
+                message_id=message_id,
+                status=outcome.status,
+                response=outcome.response,
+            )
+            raise
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Wait for turns still being recorded and their events; after `grace` seconds,
+        give up on what is left (each says so in the log)."""
+        deadline = None if grace is None else time.monotonic() + grace
         while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            _, pending = await asyncio.wait(self._background, timeout=left)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
         await self.bus.drain()
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
@@ -238,10 +300,13 @@ class ChatTurn:
     async def _relay(self, provider: Provider, answer: _Answer, send: Send | None) -> None:
         """The hot path: every delta from the provider straight to the transport."""
         parts = answer.parts
+        answer.usage = None  # a failed attempt's count is not this one's
         try:
             async with aclosing(provider.stream(self.call)) as pieces:
                 async for piece in pieces:
-                    if piece.__class__ is str:
+                    if isinstance(piece, str):
+                        if not piece:
+                            continue  # nothing to send, and not yet an answer
                         if answer.first is None:
                             answer.first = time.perf_counter()
                         parts.append(piece)
@@ -264,12 +329,7 @@ class ChatTurn:
         outcome = Outcome(
             text, status, answer.usage, latency, error.type if error else None, answer.model
         )
-        try:
-            await self._service.store.finish_message(self.message_id, outcome)
-        except Exception:
-            log.exception(
-                "could not store the end of a turn", message_id=self.message_id, status=status
-            )
+        await self._service.save_outcome(self.message_id, outcome)
         common = {
             **self.ids,
             "model": answer.model,  # the model that answered, a fallback perhaps

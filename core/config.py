@@ -48,6 +48,10 @@ class HistoryConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     backend: str = "sqlite"
+    # At start-up, turns still `streaming` that began this long ago are marked `interrupted`
+    # (a crash left them). 0 suits one instance; instances sharing a store set it above the
+    # longest answer, so one's restart never marks another's live turns.
+    sweep_after_seconds: float = Field(0.0, ge=0)
 
     def options(self) -> dict[str, Any]:
         options = (self.model_extra or {}).get(self.backend, {})

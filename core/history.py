@@ -16,6 +16,15 @@ class Status(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"  # left `streaming` by a crash; marked at the next start-up
+
+
+# Turns a model reads back as history: answered, or cut short by the client (what it saw).
+READABLE = (Status.COMPLETED, Status.CANCELLED)
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached now; the service answers 503 and recovers by itself."""
 
 
 @dataclass(slots=True)
@@ -48,7 +57,7 @@ class Outcome:
     usage: Usage | None
     latency: float
     error: str | None = None
-    model: str | None = None  # the model that answered, when not the one asked for
+    model: str | None = None  # the model that answered (None: the one asked for)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,17 +66,34 @@ class Turn:
     response: str
 
 
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    conversation_id: str
+    turns: int
+    first_query: str
+    created_at: float
+    updated_at: float
+
+
 class HistoryStore(Protocol):
-    async def open(self) -> None: ...
+    """Every method is scoped to a tenant where it names one: another tenant's records do
+    not exist for it. Unreachable storage raises `StoreUnavailable`."""
+
+    async def open(self) -> None:
+        """Connect and prepare (schema, indexes). An unreachable server must not raise:
+        the store is then not ready, and `ping` says so until it is."""
 
     async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Return when the store answers; raise `StoreUnavailable` when it does not."""
 
     async def add_message(self, record: MessageRecord) -> None: ...
 
     async def finish_message(self, message_id: str, outcome: Outcome) -> None: ...
 
     async def recent_turns(self, tenant: str, conversation_id: str, limit: int) -> list[Turn]:
-        """The last `limit` turns with a non-empty response, oldest first."""
+        """The last `limit` turns with a non-empty, READABLE response, oldest first."""
         ...
 
     async def get_message(self, tenant: str, message_id: str) -> MessageRecord | None: ...
@@ -76,6 +102,25 @@ class HistoryStore(Protocol):
         self, tenant: str, message_id: str, score: int, reason: str
     ) -> MessageRecord | None:
         """Record feedback; the updated record, or None when the tenant has no such message."""
+        ...
+
+    async def conversations(self, tenant: str, limit: int, offset: int) -> list[Conversation]:
+        """The tenant's conversations, the most recently active first."""
+        ...
+
+    async def messages(
+        self, tenant: str, conversation_id: str, limit: int, offset: int
+    ) -> list[MessageRecord]:
+        """A conversation's turns, oldest first."""
+        ...
+
+    async def delete_conversation(self, tenant: str, conversation_id: str) -> int:
+        """Delete a conversation's turns; how many there were."""
+        ...
+
+    async def mark_interrupted(self, started_before: float) -> int:
+        """Mark turns still `streaming` that started before this time (wall clock) as
+        `interrupted`; how many. Run at start-up."""
         ...
 
 

@@ -16,7 +16,9 @@ from core.providers import Message, ProviderFactory
 
 BUILTIN_PLUGINS = (
     "plugins.history_sqlite",
+    "plugins.history_mongo",
     "plugins.providers.echo",
+    "plugins.providers.litellm",
     "plugins.providers.openai_compat",
     "plugins.transports.sse",
 )
@@ -55,6 +57,10 @@ def make_plugin_manager(
                 pm.register(module, name)
             except pluggy.PluginValidationError as exc:
                 raise ConfigError(f"plugins.modules: '{name}': {_one_line(exc)}") from None
+    try:
+        pm.check_pending()  # a misspelt hook name would otherwise be ignored in silence
+    except pluggy.PluginValidationError as exc:
+        raise ConfigError(f"plugin {exc.plugin!r}: {_one_line(exc)}") from None
     return pm
 
 

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from core.chat import Caller
+from core.history import StoreUnavailable
 from core.keys import SERVICE
 from core.schemas import FeedbackRequest
 from core.web import REQUEST_ID, json_response, read_body
+
+READY_TIMEOUT = 2.0
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/chat/feedback", feedback)
     router.add_get("/models", models)
+    router.add_get("/health/live", live)
+    router.add_get("/health/ready", ready)
 
 
 def caller_of(request: web.Request) -> Caller:
@@ -33,3 +40,19 @@ async def models(request: web.Request) -> web.Response:
     the last time it was called (`reachable` is null until then)."""
     service = request.app[SERVICE]
     return json_response({"models": service.models.describe(service.default_model)})
+
+
+async def live(request: web.Request) -> web.Response:
+    """The process answers."""
+    return json_response({"status": "live"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Ready to chat: the history store answers (within READY_TIMEOUT seconds)."""
+    try:
+        async with asyncio.timeout(READY_TIMEOUT):
+            await request.app[SERVICE].store.ping()
+    except (StoreUnavailable, TimeoutError) as exc:
+        problem = str(exc) or "no answer in time"
+        return json_response({"status": "unavailable", "store": problem}, 503)
+    return json_response({"status": "ready", "store": "ok"})

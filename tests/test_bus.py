@@ -329,3 +329,27 @@ def test_events_take_keywords_only_and_stamp_the_time() -> None:
     event = completed()
     assert before <= event.at <= time.time()
     assert event.hook == "chat_completed"
+
+
+async def test_subscribers_are_called_in_pluggys_order() -> None:
+    calls: list[str] = []
+
+    class First:
+        @hookimpl(tryfirst=True)
+        def chat_completed(self, event: ChatCompleted) -> None:
+            calls.append("first")
+
+    class Plain:
+        @hookimpl
+        def chat_completed(self, event: ChatCompleted) -> None:
+            calls.append("plain")
+
+    class Last:
+        @hookimpl(trylast=True)
+        def chat_completed(self, event: ChatCompleted) -> None:
+            calls.append("last")
+
+    bus = EventBus(manager(Last(), First(), Plain()), timeout=1.0)
+    bus.publish(completed())
+    await bus.drain()
+    assert calls == ["first", "plain", "last"]

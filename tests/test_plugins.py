@@ -18,6 +18,7 @@ from core.plugins import (
     make_plugin_manager,
     provider_factories,
 )
+from plugins.history_mongo import make_store as make_mongo_store
 from plugins.history_sqlite import make_store
 from plugins.providers.echo import make_echo
 from plugins.providers.openai_compat import make_openai_compat
@@ -71,7 +72,7 @@ def test_builtin_provider_kinds() -> None:
 
 def test_builtin_history_stores() -> None:
     stores = history_store_factories(make_plugin_manager(entry_points=False))
-    assert stores == {"sqlite": make_store}
+    assert stores == {"sqlite": make_store, "mongo": make_mongo_store}
 
 
 def test_without_builtins_only_the_core_defaults() -> None:
@@ -111,7 +112,8 @@ def test_config_module_named_twice_is_registered_once(plugin_dir: Path) -> None:
     write_module(plugin_dir, "chatbus_test_twice", KIND_PLUGIN.format(kind="twice"))
     pm = make_plugin_manager(["chatbus_test_twice", "chatbus_test_twice"], entry_points=False)
     # Registered twice, its kind would be a ConfigError.
-    assert sorted(provider_factories(pm)) == ["echo", "openai_compat", "twice"]
+    builtin = provider_factories(make_plugin_manager(entry_points=False))
+    assert sorted(provider_factories(pm)) == sorted([*builtin, "twice"])
 
 
 def test_missing_module_is_a_config_error() -> None:
@@ -275,3 +277,13 @@ def test_two_wrappers_nest_last_registered_outermost() -> None:
         {"role": "system", "content": "inner"},
         {"role": "system", "content": "outer"},
     ]
+
+
+def test_a_misspelt_hook_is_a_config_error(plugin_dir: Path) -> None:
+    write_module(
+        plugin_dir,
+        "chatbus_test_misspelt",
+        "from core.hookspecs import hookimpl\n\n@hookimpl\ndef chat_complete(event):\n    pass\n",
+    )
+    with pytest.raises(ConfigError, match="chat_complete"):
+        make_plugin_manager(["chatbus_test_misspelt"], entry_points=False)

@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from core.events import FeedbackReceived
-from tests.conftest import Chatbus
+from core.hookspecs import hookimpl
+from core.keys import CONFIG
+from tests.conftest import Chatbus, StartChatbus
 
 
 async def ask(chatbus: Chatbus) -> str:
@@ -91,3 +94,19 @@ async def test_request_ids(chatbus: Chatbus) -> None:
         chatbus.url + "/chat/chat", json={"query": "x"}, headers=unsafe
     ) as response:
         assert len(response.headers["X-Request-Id"]) == 32
+
+
+class ExtraRoute:
+    @hookimpl
+    def register_routes(self, app: web.Application, router: web.UrlDispatcher) -> None:
+        async def hello(request: web.Request) -> web.Response:
+            return web.json_response({"hello": request.app[CONFIG].default_model})
+
+        router.add_get("/extra/hello", hello)
+
+
+async def test_a_plugin_adds_a_route(start_chatbus: StartChatbus) -> None:
+    chatbus = await start_chatbus(ExtraRoute())
+    async with chatbus.http.get(chatbus.url + "/extra/hello") as response:
+        assert response.status == 200
+        assert await response.json() == {"hello": "echo"}

@@ -1,22 +1,25 @@
-"""SQLite history store: WAL, a thread of its own, group commit. Turns are ordered by an
-autoincrement key, so turns in the same second (or microsecond) keep the order they were
-stored in."""
+"""SQLite history store (WAL). Turns are ordered by an autoincrement key, so turns in the
+same second (or microsecond) keep the order they were stored in."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict
 
-from core.history import MessageRecord, Outcome, Status, Turn
+from core.history import (
+    READABLE,
+    Conversation,
+    MessageRecord,
+    Outcome,
+    Status,
+    Turn,
+)
 from core.providers import Usage
+from plugins.history_sqlite.worker import SqliteWorker
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -39,6 +42,7 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at      REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (tenant, conversation_id, seq);
+CREATE INDEX IF NOT EXISTS messages_by_status ON messages (status);
 """
 COLUMNS = (
     "message_id",
@@ -59,9 +63,6 @@ COLUMNS = (
 )
 SELECT = f"SELECT {', '.join(COLUMNS)} FROM messages"
 INSERT = f"INSERT INTO messages ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-# Turns a model may read back: answered, or cut short by the client (what they saw).
-READABLE = (Status.COMPLETED, Status.CANCELLED)
-T = TypeVar("T")
 
 
 class SqliteOptions(BaseModel):
@@ -70,21 +71,16 @@ class SqliteOptions(BaseModel):
 
 
 class SqliteStore:
-    """All SQLite work runs on one thread of its own. Writes are group-committed: those
-    that arrive while a transaction is being written wait and go together in the next one,
-    so a busy server commits once for many turns, not twice a turn."""
-
     def __init__(self, path: str) -> None:
         self.path = path
-        self._db: sqlite3.Connection | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="chatbus-sqlite")
-        self._pending: list[_Write] = []
-        self._writing: asyncio.Future[None] | None = None
+        self._worker = SqliteWorker()
+        self._read = self._worker.read
+        self._write = self._worker.write
 
     async def open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = await self._run(self._connect)
+        await self._worker.open(self._connect)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -96,12 +92,7 @@ class SqliteStore:
         return db
 
     async def close(self) -> None:
-        if self._writing is not None:
-            await self._writing  # what was queued is committed before the file closes
-        if self._db is not None:
-            await self._run(self._db.close)
-            self._db = None
-        self._thread.shutdown()
+        await self._worker.close()
 
     async def add_message(self, record: MessageRecord) -> None:
         row = _to_row(record)
@@ -148,66 +139,43 @@ class SqliteStore:
         )
         return await self.get_message(tenant, message_id) if changed else None
 
-    @property
-    def db(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise RuntimeError("the SQLite store is not open")
-        return self._db
+    async def ping(self) -> None:
+        await self._read("SELECT 1", ())
 
-    async def _run(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+    async def conversations(self, tenant: str, limit: int, offset: int) -> list[Conversation]:
+        rows = await self._read(
+            "SELECT conversation_id, count(*), min(created_at), max(created_at),"
+            " (SELECT query FROM messages AS first WHERE first.tenant = m.tenant"
+            "  AND first.conversation_id = m.conversation_id ORDER BY seq LIMIT 1)"
+            " FROM messages AS m WHERE tenant = ? AND conversation_id != ''"
+            " GROUP BY conversation_id ORDER BY max(seq) DESC LIMIT ? OFFSET ?",
+            (tenant, max(limit, 0), max(offset, 0)),
+        )
+        return [
+            Conversation(conversation_id, turns, first_query, created, updated)
+            for conversation_id, turns, created, updated, first_query in rows
+        ]
 
-    async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        return await self._run(lambda: self.db.execute(sql, params).fetchall())
+    async def messages(
+        self, tenant: str, conversation_id: str, limit: int, offset: int
+    ) -> list[MessageRecord]:
+        rows = await self._read(
+            f"{SELECT} WHERE tenant = ? AND conversation_id = ? ORDER BY seq LIMIT ? OFFSET ?",
+            (tenant, conversation_id, max(limit, 0), max(offset, 0)),
+        )
+        return [_from_row(row) for row in rows]
 
-    async def _write(self, sql: str, params: Sequence[Any]) -> int:
-        """Queue a statement for the next transaction; its changed-row count once committed."""
-        write = _Write(sql, params, asyncio.get_running_loop().create_future())
-        self._pending.append(write)
-        if self._writing is None:
-            self._writing = asyncio.ensure_future(self._commit_pending())
-        return await write.done
+    async def delete_conversation(self, tenant: str, conversation_id: str) -> int:
+        return await self._write(
+            "DELETE FROM messages WHERE tenant = ? AND conversation_id = ?",
+            (tenant, conversation_id),
+        )
 
-    async def _commit_pending(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    results = await self._run(self._transaction, batch)
-                except Exception as exc:  # the commit itself failed: none of them stands
-                    results = [exc] * len(batch)
-                for write, result in zip(batch, results, strict=True):
-                    if write.done.done():
-                        continue  # its caller went away; the write stands all the same
-                    if isinstance(result, Exception):
-                        write.done.set_exception(result)
-                    else:
-                        write.done.set_result(result)
-        finally:
-            self._writing = None
-
-    def _transaction(self, batch: list[_Write]) -> list[int | Exception]:
-        """On the store's thread: one transaction; a statement that fails fails alone."""
-        results: list[int | Exception] = []
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            for write in batch:
-                try:
-                    results.append(self.db.execute(write.sql, write.params).rowcount)
-                except sqlite3.Error as exc:
-                    results.append(exc)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        return results
-
-
-@dataclass(frozen=True, slots=True)
-class _Write:
-    sql: str
-    params: Sequence[Any]
-    done: asyncio.Future[int]
+    async def mark_interrupted(self, started_before: float) -> int:
+        return await self._write(
+            "UPDATE messages SET status = ? WHERE status = ? AND created_at < ?",
+            (Status.INTERRUPTED, Status.STREAMING, started_before),
+        )
 
 
 def _usage_json(usage: Usage | None) -> str | None:

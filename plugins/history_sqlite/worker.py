@@ -1,0 +1,101 @@
+"""One thread for all of a SQLite connection's work, and group commit for its writes."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from core.history import StoreUnavailable
+
+T = TypeVar("T")
+
+
+class SqliteWorker:
+    """Every statement runs on one thread of its own. Writes are group-committed: those that
+    arrive while a transaction is being written wait and go together in the next one, so a
+    busy server commits once for many turns, not twice a turn."""
+
+    def __init__(self) -> None:
+        self._db: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="chatbus-sqlite")
+        self._pending: list[_Write] = []
+        self._writing: asyncio.Future[None] | None = None
+
+    async def open(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._db = await self._run(connect)
+
+    async def close(self) -> None:
+        if self._writing is not None:
+            await self._writing  # what was queued is committed before the file closes
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._thread.shutdown()
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("the SQLite store is not open")
+        return self._db
+
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+        except sqlite3.OperationalError as exc:  # locked past busy_timeout, disk, I/O
+            raise StoreUnavailable(f"SQLite: {exc}") from None
+
+    async def read(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        return await self._run(lambda: self.db.execute(sql, params).fetchall())
+
+    async def write(self, sql: str, params: Sequence[Any]) -> int:
+        """Queue a statement for the next transaction; its changed-row count once committed."""
+        write = _Write(sql, params, asyncio.get_running_loop().create_future())
+        self._pending.append(write)
+        if self._writing is None:
+            self._writing = asyncio.ensure_future(self._commit_pending())
+        return await write.done
+
+    async def _commit_pending(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    results = await self._run(self._transaction, batch)
+                except Exception as exc:  # the commit itself failed: none of them stands
+                    results = [exc] * len(batch)
+                for write, result in zip(batch, results, strict=True):
+                    if write.done.done():
+                        continue  # its caller went away; the write stands all the same
+                    if isinstance(result, Exception):
+                        write.done.set_exception(result)
+                    else:
+                        write.done.set_result(result)
+        finally:
+            self._writing = None
+
+    def _transaction(self, batch: list[_Write]) -> list[int | Exception]:
+        """On the store's thread: one transaction; a statement that fails fails alone."""
+        results: list[int | Exception] = []
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for write in batch:
+                try:
+                    results.append(self.db.execute(write.sql, write.params).rowcount)
+                except sqlite3.Error as exc:
+                    results.append(exc)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return results
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    sql: str
+    params: Sequence[Any]
+    done: asyncio.Future[int]

@@ -1,0 +1,200 @@
+"""When the history store is down: at start-up, mid-run, and after an answer streamed.
+The real MongoDB driver against a port where nothing listens, and a store whose outage a
+test switches on and off (SQLite underneath), for the recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from core.history import MessageRecord, Outcome, Status, StoreUnavailable
+from core.hookspecs import hookimpl
+from plugins.history_sqlite.store import SqliteStore
+from tests.conftest import Chatbus, StartChatbus
+
+
+class FlakyStore(SqliteStore):
+    """SQLite, with outages on demand: `down` fails everything, `fail_finishes` fails the
+    next N writes of how a turn ended."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.down = False
+        self.fail_finishes = 0
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreUnavailable("switched off by the test")
+
+    async def ping(self) -> None:
+        self._check()
+        await super().ping()
+
+    async def add_message(self, record: MessageRecord) -> None:
+        self._check()
+        await super().add_message(record)
+
+    async def recent_turns(self, *args: Any) -> Any:
+        self._check()
+        return await super().recent_turns(*args)
+
+    async def finish_message(self, message_id: str, outcome: Outcome) -> None:
+        if self.fail_finishes:
+            self.fail_finishes -= 1
+            raise StoreUnavailable("switched off by the test")
+        await super().finish_message(message_id, outcome)
+
+    async def mark_interrupted(self, started_before: float) -> int:
+        self._check()
+        return await super().mark_interrupted(started_before)
+
+
+class Flaky:
+    def __init__(self) -> None:
+        self.store: FlakyStore | None = None
+
+    @hookimpl
+    def register_history_stores(self, register: Any) -> None:
+        def make(options: dict[str, Any], base_dir: Path) -> FlakyStore:
+            self.store = FlakyStore(str(base_dir / "flaky.db"))
+            self.store.down = options.get("down", False)
+            return self.store
+
+        register("flaky", make)
+
+
+async def ready(chatbus: Chatbus) -> tuple[int, dict[str, Any]]:
+    async with chatbus.http.get(chatbus.url + "/health/ready") as response:
+        return response.status, await response.json()
+
+
+async def assert_503_before_anything(chatbus: Chatbus) -> None:
+    for stream in (True, False):
+        async with chatbus.post("/chat/chat", {"query": "hi", "stream": stream}) as response:
+            assert response.status == 503
+            assert response.content_type == "application/json"
+            error = (await response.json())["error"]
+        assert error["type"] == "store_unavailable"
+        assert "try again" in error["message"]
+
+
+async def test_mongodb_unreachable_at_start_up(start_chatbus: StartChatbus) -> None:
+    # The real driver, against a port where nothing listens: start-up does not fail.
+    chatbus = await start_chatbus(
+        history={
+            "backend": "mongo",
+            "mongo": {"uri": "mongodb://127.0.0.1:9/", "server_selection_timeout": 0.2},
+        }
+    )
+    status, body = await ready(chatbus)
+    assert status == 503
+    assert body["status"] == "unavailable"
+    assert "MongoDB unreachable" in body["store"]
+    await assert_503_before_anything(chatbus)
+    async with chatbus.post("/chat/feedback", {"message_id": "m", "score": 5}) as response:
+        assert response.status == 503
+    assert chatbus.events.of("chat_started") == []
+    async with chatbus.http.get(chatbus.url + "/health/live") as response:
+        assert response.status == 200
+
+
+async def test_down_at_start_up_then_back(start_chatbus: StartChatbus) -> None:
+    flaky = Flaky()
+    chatbus = await start_chatbus(flaky, history={"backend": "flaky", "flaky": {"down": True}})
+    assert (await ready(chatbus))[0] == 503
+    await assert_503_before_anything(chatbus)
+    assert flaky.store is not None
+    flaky.store.down = False  # the store comes back: nothing to restart
+    assert await ready(chatbus) == (200, {"status": "ready", "store": "ok"})
+    assert (await chatbus.chat(query="back again")).text == "back again"
+
+
+async def test_down_mid_run_then_back(start_chatbus: StartChatbus) -> None:
+    flaky = Flaky()
+    chatbus = await start_chatbus(flaky, history={"backend": "flaky"})
+    assert (await chatbus.chat(query="before")).text == "before"
+    assert flaky.store is not None
+    flaky.store.down = True
+    await assert_503_before_anything(chatbus)
+    flaky.store.down = False
+    assert (await chatbus.chat(query="after")).text == "after"
+
+
+async def test_an_answer_whose_end_cannot_be_stored_is_retried(
+    start_chatbus: StartChatbus,
+) -> None:
+    flaky = Flaky()
+    chatbus = await start_chatbus(flaky, history={"backend": "flaky"})
+    assert flaky.store is not None
+    flaky.store.fail_finishes = 2
+    with structlog.testing.capture_logs() as logs:
+        stream = await chatbus.chat(query="keep this answer")
+        assert stream.text == "keep this answer"  # the client got all of it
+        (message_id,) = stream.message_ids
+        async with asyncio.timeout(5):
+            while True:
+                record = await flaky.store.get_message("default", message_id)
+                assert record is not None
+                if record.status is Status.COMPLETED:
+                    break
+                await asyncio.sleep(0.05)
+    assert record.response == "keep this answer"
+    retries = [e for e in logs if e["event"] == "could not store the end of a turn; retrying"]
+    assert len(retries) == 2
+    assert all(e["message_id"] == message_id for e in retries)
+    assert any(e["event"] == "stored the end of a turn after retrying" for e in logs)
+
+
+async def test_an_answer_never_stored_is_logged_whole_at_shutdown(
+    start_chatbus: StartChatbus,
+) -> None:
+    flaky = Flaky()
+    chatbus = await start_chatbus(
+        flaky, history={"backend": "flaky"}, server={"shutdown_grace_seconds": 0.2}
+    )
+    assert flaky.store is not None
+    flaky.store.fail_finishes = 1_000_000
+    with structlog.testing.capture_logs() as logs:
+        stream = await chatbus.chat(query="the only copy")
+        await chatbus.close()  # shuts down while the store still fails
+    (message_id,) = stream.message_ids
+    (last,) = [e for e in logs if e["event"].startswith("could not store the end of a turn bef")]
+    assert (last["message_id"], last["response"]) == (message_id, "the only copy")
+    assert last["log_level"] == "error"
+
+
+async def test_turns_left_streaming_are_marked_interrupted_at_start_up(
+    tmp_path: Path, start_chatbus: StartChatbus
+) -> None:
+    store = SqliteStore(str(tmp_path / "chat.db"))  # the file the chatbus below uses
+    await store.open()
+    crashed = MessageRecord("crashed", "c", "q", "echo", created_at=time.time() - 5)
+    await store.add_message(crashed)
+    await store.close()
+    chatbus = await start_chatbus()
+    record = await chatbus.store.get_message("default", "crashed")
+    assert record is not None and record.status is Status.INTERRUPTED
+    with sqlite3.connect(tmp_path / "chat.db") as db:
+        assert db.execute(
+            "SELECT count(*) FROM messages WHERE status = 'streaming'"
+        ).fetchone() == (0,)
+
+
+async def test_the_sweep_spares_recent_turns_when_instances_share_a_store(
+    tmp_path: Path, start_chatbus: StartChatbus
+) -> None:
+    store = SqliteStore(str(tmp_path / "chat.db"))
+    await store.open()
+    await store.add_message(MessageRecord("live", "c", "q", "echo", created_at=time.time()))
+    await store.add_message(MessageRecord("old", "c", "q", "echo", created_at=time.time() - 900))
+    await store.close()
+    chatbus = await start_chatbus(history={"sweep_after_seconds": 600})
+    live = await chatbus.store.get_message("default", "live")
+    old = await chatbus.store.get_message("default", "old")
+    assert live is not None and live.status is Status.STREAMING
+    assert old is not None and old.status is Status.INTERRUPTED
