@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
+from core.outbox import Delivery, DeliveryStatus
 from core.providers import Usage
 
 
@@ -90,7 +91,10 @@ class HistoryStore(Protocol):
 
     async def add_message(self, record: MessageRecord) -> None: ...
 
-    async def finish_message(self, message_id: str, outcome: Outcome) -> None: ...
+    async def finish_message(
+        self, message_id: str, outcome: Outcome, deliveries: Sequence[Delivery] = ()
+    ) -> None:
+        """Write how a turn ended, and the deliveries its end event owes, in one step."""
 
     async def recent_turns(self, tenant: str, conversation_id: str, limit: int) -> list[Turn]:
         """The last `limit` turns with a non-empty, READABLE response, oldest first."""
@@ -121,6 +125,30 @@ class HistoryStore(Protocol):
     async def mark_interrupted(self, started_before: float) -> int:
         """Mark turns still `streaming` that started before this time (wall clock) as
         `interrupted`; how many. Run at start-up."""
+        ...
+
+    # The outbox (core/outbox.py)
+
+    async def add_deliveries(self, deliveries: Sequence[Delivery]) -> None: ...
+
+    async def claim_deliveries(
+        self, owner: str, now: float, lease_until: float, limit: int
+    ) -> list[Delivery]:
+        """Lease up to `limit` pending deliveries due by `now` whose lease is free or has
+        expired, atomically: no two claimers get the same one while its lease runs."""
+        ...
+
+    async def settle_delivery(self, delivery: Delivery) -> bool:
+        """Write an attempt's result (status, attempts, next_attempt_at, last_error) and free
+        the lease, if `delivery.lease_owner` still holds it; whether it did."""
+        ...
+
+    async def deliveries(self, status: DeliveryStatus | None, limit: int) -> list[Delivery]:
+        """The newest first."""
+        ...
+
+    async def redeliver(self, delivery_id: str, now: float) -> bool:
+        """Make a delivery pending again, due now, with its attempts reset."""
         ...
 
 

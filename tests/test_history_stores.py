@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from core.history import HistoryStore, MessageRecord, Outcome, Status, Turn
+from core.outbox import Delivery, DeliveryStatus
 from core.providers import Usage
 from plugins.history_mongo.store import MongoStore
 from plugins.history_sqlite.store import SqliteStore
@@ -387,3 +388,76 @@ async def test_concurrent_turns_in_one_conversation(store: HistoryStore) -> None
 
 async def test_ping(store: HistoryStore) -> None:
     await store.ping()
+
+
+# The outbox
+
+
+def delivery(delivery_id: str, **fields: object) -> Delivery:
+    values: dict[str, object] = {
+        "delivery_id": delivery_id,
+        "url": "http://127.0.0.1:1/hook",
+        "event_type": "chat.completed",
+        "payload": '{"type": "chat.completed"}',
+        "secret_env": "HOOK_SECRET",
+        "message_id": "m1",
+        "next_attempt_at": 100.0,
+        "created_at": 100.0,
+    }
+    values.update(fields)
+    return Delivery(**values)  # type: ignore[arg-type]
+
+
+async def test_a_turn_and_its_deliveries_are_written_together(store: HistoryStore) -> None:
+    await store.add_message(record("m1"))
+    await store.finish_message("m1", done("answer"), [delivery("d1"), delivery("d2")])
+    listed = await store.deliveries(None, 10)
+    assert sorted(d.delivery_id for d in listed) == ["d1", "d2"]
+    assert listed[0].status is DeliveryStatus.PENDING
+    assert listed[0].payload == '{"type": "chat.completed"}'
+    got = await store.get_message("default", "m1")
+    assert got is not None and got.response == "answer"
+
+
+async def test_claims_take_due_deliveries_once_while_the_lease_runs(store: HistoryStore) -> None:
+    await store.add_deliveries(
+        [delivery("due1", next_attempt_at=10.0), delivery("due2", next_attempt_at=20.0),
+         delivery("later", next_attempt_at=500.0)]
+    )  # fmt: skip
+    first = await store.claim_deliveries("a", now=100.0, lease_until=160.0, limit=10)
+    assert [d.delivery_id for d in first] == ["due1", "due2"]  # the most overdue first
+    assert {d.lease_owner for d in first} == {"a"}
+    assert await store.claim_deliveries("b", now=120.0, lease_until=180.0, limit=10) == []
+    # The lease expired (its holder died, say): another instance may take it.
+    again = await store.claim_deliveries("b", now=170.0, lease_until=230.0, limit=1)
+    assert [d.delivery_id for d in again] == ["due1"]
+
+
+async def test_concurrent_claimers_never_share_a_delivery(store: HistoryStore) -> None:
+    await store.add_deliveries([delivery(f"d{i:02d}", next_attempt_at=float(i)) for i in range(20)])
+    batches = await asyncio.gather(
+        *(store.claim_deliveries(f"o{n}", now=100.0, lease_until=200.0, limit=5) for n in range(6))
+    )
+    claimed = [d.delivery_id for batch in batches for d in batch]
+    assert sorted(claimed) == [f"d{i:02d}" for i in range(20)]  # each exactly once
+
+
+async def test_settling_needs_the_lease(store: HistoryStore) -> None:
+    await store.add_deliveries([delivery("d1", next_attempt_at=0.0)])
+    (claimed,) = await store.claim_deliveries("a", now=1.0, lease_until=61.0, limit=1)
+    stale = delivery("d1", lease_owner="b", status=DeliveryStatus.DELIVERED, attempts=1)
+    assert await store.settle_delivery(stale) is False  # b never held it
+    claimed.status, claimed.attempts, claimed.last_error = DeliveryStatus.DEAD, 6, "HTTP 500"
+    assert await store.settle_delivery(claimed) is True
+    (settled,) = await store.deliveries(DeliveryStatus.DEAD, 10)
+    assert (settled.attempts, settled.last_error, settled.lease_owner) == (6, "HTTP 500", None)
+    assert await store.deliveries(DeliveryStatus.PENDING, 10) == []
+    assert await store.claim_deliveries("a", now=999.0, lease_until=1059.0, limit=1) == []
+
+
+async def test_redeliver(store: HistoryStore) -> None:
+    await store.add_deliveries([delivery("d1", status=DeliveryStatus.DEAD, attempts=6)])
+    assert await store.redeliver("d1", now=50.0) is True
+    (again,) = await store.claim_deliveries("a", now=50.0, lease_until=110.0, limit=1)
+    assert (again.delivery_id, again.attempts, again.status) == ("d1", 0, DeliveryStatus.PENDING)
+    assert await store.redeliver("nope", now=50.0) is False

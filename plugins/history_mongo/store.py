@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,7 +23,9 @@ from core.history import (
     StoreUnavailable,
     Turn,
 )
+from core.outbox import Delivery
 from core.providers import Usage
+from plugins.history_mongo.outbox import MongoOutbox
 
 log = structlog.get_logger("chatbus.history_mongo")
 UNREACHABLE = (ConnectionFailure, ExecutionTimeout, WTimeoutError)
@@ -33,10 +35,12 @@ FIELDS = (
 )  # fmt: skip
 
 
-class MongoStore:
+class MongoStore(MongoOutbox):
     def __init__(self, client: Any, database: str, collection: str = "messages") -> None:
         self._client = client  # pymongo.AsyncMongoClient, or a stand-in with its shape
         self._messages = client[database][collection]
+        self._outbox = client[database][f"{collection}_outbox"]
+        self._reachable = _reachable
         self._indexed = False
         self._last_seq = 0
 
@@ -68,7 +72,9 @@ class MongoStore:
         with _reachable():
             await self._messages.insert_one(document)
 
-    async def finish_message(self, message_id: str, outcome: Outcome) -> None:
+    async def finish_message(
+        self, message_id: str, outcome: Outcome, deliveries: Sequence[Delivery] = ()
+    ) -> None:
         changes: dict[str, Any] = {
             "response": outcome.response,
             "status": str(outcome.status),
@@ -80,6 +86,8 @@ class MongoStore:
             changes["model"] = outcome.model
         with _reachable():
             await self._messages.update_one({"_id": message_id}, {"$set": changes})
+        # Not one transaction (that needs a replica set), but the very next write.
+        await self.add_deliveries(deliveries)
 
     async def recent_turns(self, tenant: str, conversation_id: str, limit: int) -> list[Turn]:
         if limit <= 0:
@@ -177,6 +185,7 @@ class MongoStore:
                 name="by_conversation",
             )
             await self._messages.create_index([("status", ASCENDING)], name="by_status")
+            await self._index_outbox()
         self._indexed = True  # message ids are `_id`: indexed, and unique, by MongoDB itself
 
     def _next_seq(self) -> int:

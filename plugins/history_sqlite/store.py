@@ -4,6 +4,7 @@ same second (or microsecond) keep the order they were stored in."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,10 @@ from core.history import (
     Status,
     Turn,
 )
+from core.outbox import Delivery
 from core.providers import Usage
+from plugins.history_sqlite import outbox
+from plugins.history_sqlite.outbox import SqliteOutbox
 from plugins.history_sqlite.worker import SqliteWorker
 
 SCHEMA_VERSION = 1
@@ -70,7 +74,7 @@ class SqliteOptions(BaseModel):
     path: str = "chatbus.db"
 
 
-class SqliteStore:
+class SqliteStore(SqliteOutbox):
     def __init__(self, path: str) -> None:
         self.path = path
         self._worker = SqliteWorker()
@@ -88,6 +92,7 @@ class SqliteStore:
         db.execute("PRAGMA synchronous=NORMAL")  # durable across app crashes in WAL mode
         db.execute("PRAGMA busy_timeout=5000")  # several processes may share the file
         db.executescript(SCHEMA)
+        db.executescript(outbox.SCHEMA)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         return db
 
@@ -98,8 +103,10 @@ class SqliteStore:
         row = _to_row(record)
         await self._write(INSERT, [row[column] for column in COLUMNS])
 
-    async def finish_message(self, message_id: str, outcome: Outcome) -> None:
-        await self._write(
+    async def finish_message(
+        self, message_id: str, outcome: Outcome, deliveries: Sequence[Delivery] = ()
+    ) -> None:
+        update = (
             "UPDATE messages SET response = ?, status = ?, usage = ?, latency = ?, error = ?,"
             " model = coalesce(?, model) WHERE message_id = ?",
             (
@@ -112,6 +119,7 @@ class SqliteStore:
                 message_id,
             ),
         )
+        await self._worker.write_many([update, *outbox.inserts(deliveries)])
 
     async def recent_turns(self, tenant: str, conversation_id: str, limit: int) -> list[Turn]:
         rows = await self._read(

@@ -53,11 +53,32 @@ class SqliteWorker:
 
     async def write(self, sql: str, params: Sequence[Any]) -> int:
         """Queue a statement for the next transaction; its changed-row count once committed."""
-        write = _Write(sql, params, asyncio.get_running_loop().create_future())
-        self._pending.append(write)
+        (count,) = await self.write_many([(sql, params)])
+        return count
+
+    async def write_many(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
+        """Queue statements that must commit together: they go in the same transaction."""
+        loop = asyncio.get_running_loop()
+        writes = [_Write(sql, params, loop.create_future()) for sql, params in statements]
+        self._pending.extend(writes)
         if self._writing is None:
             self._writing = asyncio.ensure_future(self._commit_pending())
-        return await write.done
+        return [await write.done for write in writes]
+
+    async def run(self, function: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `function(connection)` on the store's thread, in a transaction of its own."""
+
+        def transaction() -> T:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                result = function(self.db)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            return result
+
+        return await self._run(transaction)
 
     async def _commit_pending(self) -> None:
         try:
