@@ -73,8 +73,7 @@ async def open_service(
         await store.open()
         await _sweep_interrupted(store, config.history.sweep_after_seconds)
         service = ChatService(
-            config=config.chat,
-            default_model=config.default_model,
+            config=config,
             models=models,
             prompts=prompts,
             store=store,

@@ -19,16 +19,18 @@ import pluggy
 import structlog
 
 from core.bus import EventBus
-from core.config import ChatConfig
+from core.config import Config
 from core.events import (
     ChatCancelled,
     ChatCompleted,
     ChatFailed,
     ChatReceived,
     ChatStarted,
+    Event,
     FeedbackReceived,
 )
 from core.history import HistoryStore, MessageRecord, Outcome, Status, StoreUnavailable
+from core.outbox import Delivery
 from core.providers import Message, ModelCall, Provider, ProviderError, Usage
 from core.registry import ModelRegistry
 from core.schemas import ChatRequest, FeedbackRequest
@@ -76,16 +78,16 @@ class ChatService:
     def __init__(
         self,
         *,
-        config: ChatConfig,
-        default_model: str,
+        config: Config,
         models: ModelRegistry,
         prompts: PromptTemplates,
         store: HistoryStore,
         bus: EventBus,
         hooks: pluggy.HookRelay,
     ) -> None:
-        self.config = config
-        self.default_model = default_model
+        self.app_config = config
+        self.config = config.chat
+        self.default_model = config.default_model
         self.models = models
         self.prompts = prompts
         self.store = store
@@ -120,7 +122,7 @@ class ChatService:
             created_at=time.time(),
         )
         turn = ChatTurn(self, record, caller.request_id)
-        self.bus.publish(ChatReceived(**turn.ids, model=model, stream=request.stream))
+        await self.publish(ChatReceived(**turn.ids, model=model, stream=request.stream))
         with _store_available():
             history = await self._history(request, caller.tenant)
         messages = [
@@ -131,7 +133,7 @@ class ChatService:
         turn.call = ModelCall(messages, request.temperature, request.max_tokens)
         with _store_available():
             await self.store.add_message(record)
-        self.bus.publish(ChatStarted(**turn.ids, model=model, history_turns=len(history) // 2))
+        await self.publish(ChatStarted(**turn.ids, model=model, history_turns=len(history) // 2))
         return turn
 
     async def feedback(self, request: FeedbackRequest, caller: Caller) -> None:
@@ -146,7 +148,7 @@ class ChatService:
                 f"message_id: no message '{request.message_id}'",
                 field="message_id",
             )
-        self.bus.publish(
+        await self.publish(
             FeedbackReceived(
                 message_id=record.message_id,
                 conversation_id=record.conversation_id,
@@ -156,26 +158,51 @@ class ChatService:
             )
         )
 
-    async def save_outcome(self, message_id: str, outcome: Outcome) -> None:
-        """Write how a turn ended. If the store fails, keep trying in the background: the
-        answer is never silently dropped."""
+    def plan(self, event: Event) -> list[Delivery]:
+        """What plugins say this event owes the outside world (the outbox)."""
         try:
-            await self.store.finish_message(message_id, outcome)
+            planned = self._hooks.plan_deliveries(event=event, config=self.app_config)
+        except Exception:
+            log.exception("planning deliveries failed", hook=event.hook)
+            return []
+        return [delivery for deliveries in planned if deliveries for delivery in deliveries]
+
+    async def publish(self, event: Event) -> None:
+        """Publish an event that ends no turn; its deliveries go to the outbox first."""
+        deliveries = self.plan(event)
+        if deliveries:
+            try:
+                await self.store.add_deliveries(deliveries)
+            except Exception:
+                log.exception("could not queue deliveries", hook=event.hook,
+                              message_id=event.message_id)  # fmt: skip
+        self.bus.publish(event)
+
+    async def save_outcome(
+        self, message_id: str, outcome: Outcome, deliveries: list[Delivery] | None = None
+    ) -> None:
+        """Write how a turn ended, with the deliveries its end owes. If the store fails,
+        keep trying in the background: the answer is never silently dropped."""
+        deliveries = deliveries or []
+        try:
+            await self.store.finish_message(message_id, outcome, deliveries)
         except Exception as exc:
             log.warning(
                 "could not store the end of a turn; retrying",
                 message_id=message_id,
                 error=repr(exc),
             )
-            self.spawn(self._save_later(message_id, outcome))
+            self.spawn(self._save_later(message_id, outcome, deliveries))
 
-    async def _save_later(self, message_id: str, outcome: Outcome) -> None:
+    async def _save_later(
+        self, message_id: str, outcome: Outcome, deliveries: list[Delivery]
+    ) -> None:
         delay = SAVE_RETRY_FIRST
         try:
             while True:
                 await asyncio.sleep(delay)
                 try:
-                    await self.store.finish_message(message_id, outcome)
+                    await self.store.finish_message(message_id, outcome, deliveries)
                 except Exception as exc:
                     delay = min(delay * 2, SAVE_RETRY_MAX)
                     log.warning(
@@ -329,7 +356,6 @@ class ChatTurn:
         outcome = Outcome(
             text, status, answer.usage, latency, error.type if error else None, answer.model
         )
-        await self._service.save_outcome(self.message_id, outcome)
         common = {
             **self.ids,
             "model": answer.model,  # the model that answered, a fallback perhaps
@@ -346,6 +372,7 @@ class ChatTurn:
             event = ChatCancelled(**common)
         else:
             event = ChatCompleted(**common)
+        await self._service.save_outcome(self.message_id, outcome, self._service.plan(event))
         self._service.bus.publish(event)
         return TurnResult(self.message_id, text, status, error, answer.model)
 

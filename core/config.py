@@ -93,6 +93,10 @@ class Config(Section):
     models: dict[str, ModelConfig] = {"echo": ModelConfig(provider="echo")}
     prompts: dict[str, str] = DEFAULT_PROMPTS
     events: EventsConfig = EventsConfig()
+    # Read by the webhook transport, which validates them: `[[webhooks]]` endpoints and the
+    # `[webhook_delivery]` schedule.
+    webhooks: list[dict[str, Any]] = []
+    webhook_delivery: dict[str, Any] = {}
     plugins: PluginsConfig = PluginsConfig()
     # Where relative paths in the configuration are resolved from, and what was read.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)

@@ -12,15 +12,18 @@ from typing import TYPE_CHECKING
 import pluggy
 from aiohttp import web
 
+from core.config import Config
 from core.events import (
     ChatCancelled,
     ChatCompleted,
     ChatFailed,
     ChatReceived,
     ChatStarted,
+    Event,
     FeedbackReceived,
 )
 from core.history import HistoryStoreFactory
+from core.outbox import Delivery
 from core.providers import Message, ProviderFactory
 
 if TYPE_CHECKING:
@@ -57,6 +60,13 @@ def prepare_messages(request: ChatRequest, messages: list[Message]) -> list[Mess
         messages = yield
         return [{"role": "system", "content": "Be brief."}, *messages]
     """
+
+
+@hookspec
+def plan_deliveries(event: Event, config: Config) -> list[Delivery] | None:
+    """Deliveries this event owes the outside world (webhooks). They are written to the
+    store's outbox durably, with the turn's end for the end events, and delivered by the
+    plugin's own worker. Called for every lifecycle event, before it is published."""
 
 
 @hookspec

@@ -21,6 +21,7 @@ BUILTIN_PLUGINS = (
     "plugins.providers.litellm",
     "plugins.providers.openai_compat",
     "plugins.transports.sse",
+    "plugins.transports.webhook",
 )
 
 

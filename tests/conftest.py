@@ -99,6 +99,7 @@ def make_config(tmp_path: Path, upstream: FakeUpstream | None = None, **extra: A
         "models": models,
         "history": {"backend": "sqlite", "sqlite": {"path": "chat.db"}},
         "prompts": {"default": "{{ input }}", "py": "Code: {{ input }}"},
+        "server": {"shutdown_grace_seconds": 1.0},
         "base_dir": tmp_path,
     }
     return Config.model_validate(deep_merge(data, extra))

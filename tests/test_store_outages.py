@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import structlog
 
 from core.history import MessageRecord, Outcome, Status, StoreUnavailable
 from core.hookspecs import hookimpl
+from core.outbox import Delivery
 from plugins.history_sqlite.store import SqliteStore
 from tests.conftest import Chatbus, StartChatbus
 
@@ -43,11 +45,13 @@ class FlakyStore(SqliteStore):
         self._check()
         return await super().recent_turns(*args)
 
-    async def finish_message(self, message_id: str, outcome: Outcome) -> None:
+    async def finish_message(
+        self, message_id: str, outcome: Outcome, deliveries: Sequence[Delivery] = ()
+    ) -> None:
         if self.fail_finishes:
             self.fail_finishes -= 1
             raise StoreUnavailable("switched off by the test")
-        await super().finish_message(message_id, outcome)
+        await super().finish_message(message_id, outcome, deliveries)
 
     async def mark_interrupted(self, started_before: float) -> int:
         self._check()

@@ -1,0 +1,74 @@
+"""Signed webhooks (Standard Webhooks 1.0) for lifecycle events, through a durable outbox.
+
+`plan_deliveries` turns each event a `[[webhooks]]` endpoint subscribes to into a delivery
+the chat service writes to the store's outbox; the deliverer, started with the server,
+claims due deliveries with a lease and POSTs them, retrying on its schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import orjson
+from aiohttp import web
+
+from core.config import Config
+from core.events import Event
+from core.hookspecs import hookimpl
+from core.keys import CONFIG, SERVICE
+from core.outbox import Delivery
+from plugins.transports.webhook import options
+from plugins.transports.webhook.deliverer import Deliverer
+
+
+@hookimpl
+def plan_deliveries(event: Event, config: Config) -> list[Delivery] | None:
+    if not config.webhooks:
+        return None
+    subscribed = [e for e in options.endpoints(config) if event.hook in e.events]
+    if not subscribed:
+        return None
+    kind = options.event_type(event.hook)
+    payload = orjson.dumps(
+        {"type": kind, "timestamp": datetime.fromtimestamp(event.at, UTC), "data": _data(event)}
+    ).decode()
+    now = time.time()
+    return [
+        Delivery(
+            delivery_id=f"msg_{uuid.uuid4().hex}",
+            url=endpoint.url,
+            event_type=kind,
+            payload=payload,
+            secret_env=endpoint.secret_env,
+            message_id=event.message_id,
+            next_attempt_at=now,
+            created_at=now,
+        )
+        for endpoint in subscribed
+    ]
+
+
+@hookimpl
+def register_routes(app: web.Application, router: web.UrlDispatcher) -> None:
+    config = app[CONFIG]
+    options.endpoints(config)  # a bad [[webhooks]] table stops start-up, in one line
+    settings = options.delivery(config)
+
+    async def deliver_in_background(app: web.Application) -> AsyncIterator[None]:
+        deliverer = Deliverer(app[SERVICE].store, settings)
+        await deliverer.start()
+        yield
+        await deliverer.stop()
+
+    app.cleanup_ctx.append(deliver_in_background)
+
+
+def _data(event: Event) -> dict[str, object]:
+    data = dataclasses.asdict(event)
+    if event.hook in ("chat_completed", "chat_failed", "chat_cancelled"):
+        data["status"] = event.hook.removeprefix("chat_")
+    return data

@@ -1,0 +1,63 @@
+"""The webhook transport's configuration: `[[webhooks]]` endpoints and `[webhook_delivery]`."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from core.config import Config, ConfigError, first_problem
+from core.events import LIFECYCLE_EVENTS
+
+HOOKS = tuple(event.hook for event in LIFECYCLE_EVENTS)
+
+
+class Endpoint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    secret_env: str = Field(description="environment variable holding whsec_... secret(s)")
+    events: list[str] = ["chat_completed", "chat_failed"]
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return url
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, events: list[str]) -> list[str]:
+        unknown = sorted(set(events) - set(HOOKS))
+        if unknown:
+            raise ValueError(f"unknown events {unknown} (known: {', '.join(HOOKS)})")
+        return events
+
+
+class Delivery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_seconds: float = Field(10.0, gt=0, description="for one attempt")
+    # Seconds between attempts (then jittered); after the last, the delivery is dead.
+    schedule: list[float] = Field([5, 30, 120, 600, 1800, 7200], min_length=1)
+    lease_seconds: float = Field(60.0, gt=0, description="a claim expires after this")
+    poll_seconds: float = Field(1.0, gt=0, description="how often the outbox is read")
+    concurrency: int = Field(32, gt=0, description="deliveries in flight at once")
+
+
+def endpoints(config: Config) -> list[Endpoint]:
+    try:
+        return TypeAdapter(list[Endpoint]).validate_python(config.webhooks)
+    except ValidationError as exc:
+        raise ConfigError(first_problem(exc, "webhooks")) from None
+
+
+def delivery(config: Config) -> Delivery:
+    try:
+        return Delivery.model_validate(config.webhook_delivery)
+    except ValidationError as exc:
+        raise ConfigError(first_problem(exc, "webhook_delivery")) from None
+
+
+def event_type(hook: str) -> str:
+    """`chat_completed` -> `chat.completed`: the dotted names Standard Webhooks uses."""
+    return hook.replace("_", ".", 1)
