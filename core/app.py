@@ -66,7 +66,7 @@ async def open_service(
             )
         )
         models = ModelRegistry.build(config.models, provider_factories(pm), http)
-        store = _make_store(config, pm)
+        store = make_store(config, pm)
         stack.push_async_callback(models.aclose)
         await models.open()
         stack.push_async_callback(store.close)
@@ -86,7 +86,7 @@ async def open_service(
             await service.drain(grace=config.server.shutdown_grace_seconds)
 
 
-def _make_store(config: Config, pm: pluggy.PluginManager) -> HistoryStore:
+def make_store(config: Config, pm: pluggy.PluginManager) -> HistoryStore:
     backend = config.history.backend
     stores = history_store_factories(pm)
     if backend not in stores:

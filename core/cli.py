@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 import uuid
 from collections.abc import Coroutine
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -14,6 +16,7 @@ from pydantic import ValidationError
 from core.chat import Caller
 from core.config import Config, ConfigError, load_config
 from core.logs import configure_logging
+from core.outbox import DeliveryStatus
 from core.schemas import ChatRequest
 from core.web import ApiError
 
@@ -59,6 +62,16 @@ def _parser() -> argparse.ArgumentParser:
         help="past turns of --conversation to send (default 10)",
     )
     chat.set_defaults(run=_chat)
+
+    webhooks = commands.add_parser("webhooks", help="the webhook outbox: list, redeliver")
+    actions = webhooks.add_subparsers(required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="deliveries, newest first")
+    listing.add_argument("--status", choices=[str(status) for status in DeliveryStatus])
+    listing.add_argument("--limit", type=int, default=50)
+    listing.set_defaults(run=_outbox, action="list")
+    redeliver = actions.add_parser("redeliver", help="make a delivery pending again, due now")
+    redeliver.add_argument("delivery_id")
+    redeliver.set_defaults(run=_outbox, action="redeliver")
     return parser
 
 
@@ -116,6 +129,33 @@ async def _chat_once(config: Config, request: ChatRequest) -> int:
         return 1
     print(f"[conversation {request.conversation_id}, message {result.message_id}]", file=sys.stderr)
     return 0
+
+
+def _outbox(config: Config, args: argparse.Namespace) -> int:
+    return _run(_outbox_action(config, args))
+
+
+async def _outbox_action(config: Config, args: argparse.Namespace) -> int:
+    from core.app import make_store
+    from core.plugins import make_plugin_manager
+
+    store = make_store(config, make_plugin_manager(config.plugins.modules))
+    await store.open()
+    try:
+        if args.action == "redeliver":
+            if not await store.redeliver(args.delivery_id, time.time()):
+                print(f"chatbus: no delivery '{args.delivery_id}'", file=sys.stderr)
+                return 1
+            print(f"{args.delivery_id}: pending, due now")
+            return 0
+        status = DeliveryStatus(args.status) if args.status else None
+        for d in await store.deliveries(status, args.limit):
+            due = datetime.fromtimestamp(d.next_attempt_at, UTC).isoformat(timespec="seconds")
+            print(f"{d.delivery_id}  {d.status:<9}  attempts={d.attempts}  {d.event_type}"
+                  f"  {d.url}  next={due}  {d.last_error or ''}".rstrip())  # fmt: skip
+        return 0
+    finally:
+        await store.close()
 
 
 def _run(main: Coroutine[Any, Any, T]) -> T:

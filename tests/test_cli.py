@@ -107,3 +107,24 @@ def test_serve_then_the_readme_curl_streams_an_answer(tmp_path: Path) -> None:
     assert process.returncode == 0, stderr
     assert '"event": "stopped"' in stderr or "stopped" in stderr
     assert "Traceback" not in stderr
+
+
+def test_webhooks_list_and_redeliver(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    db = tmp_path / "cli.db"
+    assert run("--config", str(config), "webhooks", "list").stdout == ""  # creates the store
+    with sqlite3.connect(db) as connection:
+        connection.execute(
+            "INSERT INTO outbox VALUES ('msg_1', 'http://127.0.0.1:1/h', 'chat.completed', '{}',"
+            " 'S', 'm1', 'dead', 6, 0, 'HTTP 500', 0, NULL, NULL)"
+        )
+    listed = run("--config", str(config), "webhooks", "list", "--status", "dead")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.startswith("msg_1  dead       attempts=6  chat.completed")
+    assert listed.stdout.rstrip().endswith("HTTP 500")
+    again = run("--config", str(config), "webhooks", "redeliver", "msg_1")
+    assert (again.returncode, again.stdout) == (0, "msg_1: pending, due now\n")
+    assert run("--config", str(config), "webhooks", "list", "--status", "dead").stdout == ""
+    assert "msg_1  pending" in run("--config", str(config), "webhooks", "list").stdout
+    missing = run("--config", str(config), "webhooks", "redeliver", "nope")
+    assert (missing.returncode, missing.stderr) == (1, "chatbus: no delivery 'nope'\n")
