@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import pluggy
 import structlog
@@ -113,6 +114,8 @@ class ChatService:
                 f" '{request.prompt_name}' (configured: {', '.join(self.prompts.names)})",
                 field="prompt_name",
             )
+        if request.callback_url is not None:
+            self._check_callback(request.callback_url)
         record = MessageRecord(
             message_id=uuid.uuid4().hex,
             conversation_id=request.conversation_id,
@@ -120,6 +123,7 @@ class ChatService:
             model=model,
             tenant=caller.tenant,
             created_at=time.time(),
+            meta={"callback_url": request.callback_url} if request.callback_url else {},
         )
         turn = ChatTurn(self, record, caller.request_id)
         await self.publish(ChatReceived(**turn.ids, model=model, stream=request.stream))
@@ -157,6 +161,17 @@ class ChatService:
                 reason=request.reason,
             )
         )
+
+    def _check_callback(self, url: str) -> None:
+        """Only http(s) URLs on an allowed host: a chat must not make chatbus call anything
+        else (server-side request forgery)."""
+        allowed = self.config.callback_hosts
+        parsed = urlsplit(url)
+        if parsed.scheme not in ("http", "https") or parsed.hostname not in allowed:
+            hosts = ", ".join(allowed) or "none: set [chat] callback_hosts"
+            raise ApiError(400, "callback_not_allowed", f"callback_url: an http(s) URL on an"
+                           f" allowed host is required (allowed: {hosts})",
+                           field="callback_url")  # fmt: skip
 
     def plan(self, event: Event) -> list[Delivery]:
         """What plugins say this event owes the outside world (the outbox)."""
@@ -270,6 +285,7 @@ class ChatTurn:
             "tenant": record.tenant,
             "request_id": request_id,
             "query": record.query,
+            "callback_url": record.meta.get("callback_url"),
         }
 
     @property

@@ -41,6 +41,10 @@ class ChatConfig(Section):
     max_query_chars: int = Field(32_000, gt=0)
     max_history_turns: int = Field(100, ge=0)
     keepalive_seconds: float = Field(15.0, gt=0)
+    # Async chats: a request's `callback_url` must name one of these hosts (no SSRF); the
+    # answer is delivered there signed with the secret(s) in `callback_secret_env`.
+    callback_hosts: list[str] = []
+    callback_secret_env: str = "CHATBUS_CALLBACK_SECRET"
 
 
 class HistoryConfig(BaseModel):

@@ -23,6 +23,7 @@ class ChatEvent(Event):
     request_id: str
     model: str
     query: str
+    callback_url: str | None = None  # async mode: where the end of the chat is delivered
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

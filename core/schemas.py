@@ -29,6 +29,8 @@ class ChatRequest(BaseModel):
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     max_tokens: int | None = None  # None or <= 0: the model's own limit
     prompt_name: str = "default"
+    # Async mode: answer 202 at once and deliver the end of the chat to this URL.
+    callback_url: str | None = Field(None, max_length=2048)
 
     @field_validator("query")
     @classmethod

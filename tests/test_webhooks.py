@@ -281,3 +281,108 @@ def test_bad_webhook_config_is_one_line(tmp_path: Any) -> None:
         ConfigError, match=r"^webhooks\.0\.url: must start with http:// or https://$"
     ):
         create_app(config)
+
+
+# Async mode: callback_url
+
+
+def async_mode(receiver: Receiver, **chat: Any) -> dict[str, Any]:
+    return {
+        "chat": {"callback_hosts": ["127.0.0.1"], "callback_secret_env": "HOOK_SECRET", **chat},
+        "webhook_delivery": FAST,
+    }
+
+
+async def test_async_chat_answers_202_and_delivers_the_answer(
+    start_chatbus: StartChatbus, receiver: Receiver
+) -> None:
+    chatbus = await start_chatbus(**async_mode(receiver))
+    body = {"query": "answer me later", "callback_url": receiver.url, "stream": True}
+    async with chatbus.post("/chat/chat", body) as response:
+        assert response.status == 202
+        accepted = await response.json()
+    assert set(accepted) == {"message_id", "status"} and accepted["status"] == "accepted"
+    await receiver.wait_for(1)
+    headers, raw = receiver.requests[0]
+    payload = Webhook(SECRET).verify(raw, headers)
+    assert payload["type"] == "chat.completed"
+    assert payload["data"]["message_id"] == accepted["message_id"]
+    assert payload["data"]["text"] == "answer me later"
+    assert payload["data"]["callback_url"] == receiver.url
+    record = await chatbus.store.get_message("default", accepted["message_id"])
+    assert record is not None and record.status == "completed"
+
+
+async def test_an_async_chat_that_fails_delivers_the_failure(
+    start_chatbus: StartChatbus, receiver: Receiver, upstream: Any
+) -> None:
+    upstream.behaviour.fail_status = 401
+    chatbus = await start_chatbus(**async_mode(receiver))
+    body = {"query": "x", "model_name": "fake", "callback_url": receiver.url}
+    async with chatbus.post("/chat/chat", body) as response:
+        assert response.status == 202
+    await receiver.wait_for(1)
+    data = receiver.payloads()[0]
+    assert data["type"] == "chat.failed"
+    assert data["data"]["error_type"] == "authentication_failed"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data",  # not on the allowlist
+        "http://localhost:1/hook",  # a name for an allowed address is not the allowed host
+        "file:///etc/passwd",
+        "ftp://127.0.0.1/x",
+        "not a url",
+    ],
+)
+async def test_a_callback_off_the_allowlist_is_a_400(
+    start_chatbus: StartChatbus, receiver: Receiver, url: str
+) -> None:
+    chatbus = await start_chatbus(**async_mode(receiver))
+    status, body = await chatbus.chat_json(query="x", callback_url=url)
+    assert status == 400
+    assert (body["error"]["type"], body["error"]["field"]) == (
+        "callback_not_allowed",
+        "callback_url",
+    )
+    assert "127.0.0.1" in body["error"]["message"]
+    assert chatbus.events.events == []
+
+
+async def test_callbacks_are_off_until_hosts_are_allowed(
+    start_chatbus: StartChatbus, receiver: Receiver
+) -> None:
+    chatbus = await start_chatbus()
+    status, body = await chatbus.chat_json(query="x", callback_url=receiver.url)
+    assert status == 400
+    assert "set [chat] callback_hosts" in body["error"]["message"]
+
+
+async def test_redirects_are_never_followed(
+    start_chatbus: StartChatbus, receiver: Receiver
+) -> None:
+    elsewhere = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", elsewhere.handle)
+    runner = await start(app, "127.0.0.1", 0, grace=0.1)
+    target = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(target)
+
+    redirecting = web.Application()
+    redirecting.router.add_post("/hook", redirect)
+    redirector = await start(redirecting, "127.0.0.1", 0, grace=0.1)
+    try:
+        url = f"http://127.0.0.1:{redirector.addresses[0][1]}/hook"
+        chatbus = await start_chatbus(**async_mode(receiver))
+        status, _ = await chatbus.chat_json(query="x", callback_url=url)
+        assert status == 202
+        stopped = await settled(chatbus, DeliveryStatus.STOPPED)
+        assert stopped.last_error == "HTTP 307"
+        assert elsewhere.requests == []
+    finally:
+        await redirector.cleanup()
+        await runner.cleanup()

@@ -32,7 +32,11 @@ def register_routes(app: web.Application, router: web.UrlDispatcher) -> None:
 async def chat(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     body = await read_body(request, ChatRequest, max_query_chars=config.chat.max_query_chars)
-    turn = await request.app[SERVICE].start(body, caller_of(request))
+    service = request.app[SERVICE]
+    turn = await service.start(body, caller_of(request))
+    if body.callback_url is not None:  # async mode: the answer goes to the callback
+        service.spawn(turn.run())
+        return json_response({"message_id": turn.message_id, "status": "accepted"}, 202)
     if not body.stream:
         result = await turn.run()
         if result.error is not None:

@@ -24,13 +24,18 @@ from core.outbox import Delivery
 from plugins.transports.webhook import options
 from plugins.transports.webhook.deliverer import Deliverer
 
+END_EVENTS = ("chat_completed", "chat_failed", "chat_cancelled")
+
 
 @hookimpl
 def plan_deliveries(event: Event, config: Config) -> list[Delivery] | None:
-    if not config.webhooks:
-        return None
-    subscribed = [e for e in options.endpoints(config) if event.hook in e.events]
-    if not subscribed:
+    """One delivery per subscribed `[[webhooks]]` endpoint, and, for an async chat's end,
+    one to its callback URL (checked against `[chat] callback_hosts` when it was asked)."""
+    targets = [(e.url, e.secret_env) for e in _endpoints(config) if event.hook in e.events]
+    callback = getattr(event, "callback_url", None)
+    if callback and event.hook in END_EVENTS:
+        targets.append((callback, config.chat.callback_secret_env))
+    if not targets:
         return None
     kind = options.event_type(event.hook)
     payload = orjson.dumps(
@@ -40,16 +45,20 @@ def plan_deliveries(event: Event, config: Config) -> list[Delivery] | None:
     return [
         Delivery(
             delivery_id=f"msg_{uuid.uuid4().hex}",
-            url=endpoint.url,
+            url=url,
             event_type=kind,
             payload=payload,
-            secret_env=endpoint.secret_env,
+            secret_env=secret_env,
             message_id=event.message_id,
             next_attempt_at=now,
             created_at=now,
         )
-        for endpoint in subscribed
+        for url, secret_env in targets
     ]
+
+
+def _endpoints(config: Config) -> list[options.Endpoint]:
+    return options.endpoints(config) if config.webhooks else []
 
 
 @hookimpl
@@ -69,6 +78,6 @@ def register_routes(app: web.Application, router: web.UrlDispatcher) -> None:
 
 def _data(event: Event) -> dict[str, object]:
     data = dataclasses.asdict(event)
-    if event.hook in ("chat_completed", "chat_failed", "chat_cancelled"):
+    if event.hook in END_EVENTS:
         data["status"] = event.hook.removeprefix("chat_")
     return data
