@@ -17,7 +17,7 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
-from core import routes
+from core import auth, routes
 from core.bus import EventBus
 from core.chat import ChatService
 from core.config import Config, ConfigError, first_problem
@@ -34,7 +34,8 @@ log = structlog.get_logger("chatbus.app")
 def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Application:
     pm = pm or make_plugin_manager(config.plugins.modules)
     app = web.Application(
-        middlewares=[request_context], client_max_size=config.server.max_body_bytes
+        middlewares=[request_context, auth.middleware(config.auth)],
+        client_max_size=config.server.max_body_bytes,
     )
     app.on_response_prepare.append(add_request_id)
     app[CONFIG] = config

@@ -81,6 +81,25 @@ class ModelConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class ApiKey(Section):
+    """One API key: its tenant, and either its SHA-256 (hex) or the variable holding it."""
+
+    tenant: str = Field(min_length=1)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    key_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKey:
+        if (self.sha256 is None) == (self.key_env is None):
+            raise ValueError("give the key's sha256 or its key_env, one of them")
+        return self
+
+
+class AuthConfig(Section):
+    keys: dict[str, ApiKey] = {}
+    allow_public_without_keys: bool = False  # listen beyond loopback with no keys at all
+
+
 class EventsConfig(Section):
     timeout_seconds: float = Field(10.0, gt=0)
 
@@ -96,6 +115,7 @@ class Config(Section):
     history: HistoryConfig = HistoryConfig()
     models: dict[str, ModelConfig] = {"echo": ModelConfig(provider="echo")}
     prompts: dict[str, str] = DEFAULT_PROMPTS
+    auth: AuthConfig = AuthConfig()
     events: EventsConfig = EventsConfig()
     # Read by the webhook transport, which validates them: `[[webhooks]]` endpoints and the
     # `[webhook_delivery]` schedule.

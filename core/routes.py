@@ -6,6 +6,8 @@ import asyncio
 
 from aiohttp import web
 
+from core.auth import TENANT
+from core import conversations
 from core.chat import Caller
 from core.history import StoreUnavailable
 from core.keys import SERVICE
@@ -20,10 +22,11 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/models", models)
     router.add_get("/health/live", live)
     router.add_get("/health/ready", ready)
+    conversations.add_routes(router, caller_of)
 
 
 def caller_of(request: web.Request) -> Caller:
-    return Caller(request_id=request[REQUEST_ID])
+    return Caller(request_id=request[REQUEST_ID], tenant=request[TENANT])
 
 
 async def feedback(request: web.Request) -> web.Response:

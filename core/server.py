@@ -10,6 +10,7 @@ import structlog
 from aiohttp import web
 
 from core.app import create_app
+from core.auth import check_exposure
 from core.config import Config
 
 log = structlog.get_logger("chatbus.server")
@@ -31,6 +32,7 @@ async def start(app: web.Application, host: str, port: int, grace: float) -> web
 
 async def serve(config: Config) -> None:
     """Serve until SIGINT or SIGTERM, then stop accepting and let streams finish."""
+    check_exposure(config.server.host, config.auth)
     app = create_app(config)
     server = config.server
     runner = await start(app, server.host, server.port, server.shutdown_grace_seconds)
