@@ -34,7 +34,7 @@ log = structlog.get_logger("chatbus.app")
 def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Application:
     pm = pm or make_plugin_manager(config.plugins.modules)
     app = web.Application(
-        middlewares=[request_context, auth.middleware(config.auth)],
+        middlewares=[request_context(config.server.access_log), auth.middleware(config.auth)],
         client_max_size=config.server.max_body_bytes,
     )
     app.on_response_prepare.append(add_request_id)

@@ -10,6 +10,7 @@ import ipaddress
 import os
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from core.config import AuthConfig, ConfigError
@@ -50,10 +51,11 @@ def middleware(auth: AuthConfig) -> Any:
             if tenant is None:
                 raise ApiError(401, "unauthorized", "a valid API key is required:"
                                " Authorization: Bearer <key>")  # fmt: skip
-            request[TENANT] = tenant
         else:
-            request[TENANT] = DEFAULT_TENANT
-        return await handler(request)
+            tenant = DEFAULT_TENANT
+        request[TENANT] = tenant
+        with structlog.contextvars.bound_contextvars(tenant=tenant):
+            return await handler(request)
 
     return authenticate
 

@@ -35,6 +35,7 @@ class ServerConfig(Section):
     port: int = Field(7861, ge=0, le=65535)
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
     shutdown_grace_seconds: float = Field(30.0, ge=0)
+    access_log: bool = True  # one log line per request (method, path, status, ms)
 
 
 class ChatConfig(Section):

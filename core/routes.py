@@ -6,8 +6,8 @@ import asyncio
 
 from aiohttp import web
 
-from core.auth import TENANT
 from core import conversations
+from core.auth import TENANT
 from core.chat import Caller
 from core.history import StoreUnavailable
 from core.keys import SERVICE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from typing import Any, TypeVar
 
@@ -38,33 +39,49 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-@web.middleware
-async def request_context(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Give every request an id (the caller's X-Request-Id when sane) and JSON errors."""
-    given = request.headers.get("X-Request-Id", "")
-    request_id = given if _SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex
-    request[REQUEST_ID] = request_id
-    with structlog.contextvars.bound_contextvars(request_id=request_id):
-        try:
-            response = await handler(request)
-        except ApiError as exc:
-            response = json_response(exc.body(), exc.status)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            response = _http_error(exc)
-        except Exception:
-            log.exception("unhandled error", path=request.path)
-            response = json_response(
-                {
-                    "error": {
-                        "type": "internal_error",
-                        "message": f"internal error; request id {request_id}",
-                    }
-                },
-                500,
-            )
-    return response
+def request_context(access_log: bool) -> Any:
+    """Give every request an id (the caller's X-Request-Id when sane), bound to its log
+    lines; answer errors as JSON; log one line per request when `access_log` is on."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        given = request.headers.get("X-Request-Id", "")
+        request_id = given if _SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex
+        request[REQUEST_ID] = request_id
+        started = time.perf_counter()
+        status = 499  # unless an answer is made: the client left first
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                response = await _answer(request, handler, request_id)
+                status = response.status
+                return response
+            finally:
+                if access_log:
+                    elapsed = round((time.perf_counter() - started) * 1000, 2)
+                    log.info(
+                        "request",
+                        method=request.method,
+                        path=request.path,
+                        status=status,
+                        ms=elapsed,
+                    )
+
+    return middleware
+
+
+async def _answer(request: web.Request, handler: Any, request_id: str) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return json_response(exc.body(), exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _http_error(exc)
+    except Exception:
+        log.exception("unhandled error", path=request.path)
+        error = {"type": "internal_error", "message": f"internal error; request id {request_id}"}
+        return json_response({"error": error}, 500)
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp import web
 
 from core.events import FeedbackReceived
@@ -110,3 +111,14 @@ async def test_a_plugin_adds_a_route(start_chatbus: StartChatbus) -> None:
     async with chatbus.http.get(chatbus.url + "/extra/hello") as response:
         assert response.status == 200
         assert await response.json() == {"hello": "echo"}
+
+
+async def test_one_access_log_line_per_request_bound_to_its_ids(chatbus: Chatbus) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with chatbus.http.post(
+            chatbus.url + "/chat/chat", json={"query": "x"}, headers={"X-Request-Id": "r-1"}
+        ) as response:
+            assert response.status == 200
+    (line,) = [entry for entry in logs if entry["event"] == "request"]
+    assert (line["method"], line["path"], line["status"]) == ("POST", "/chat/chat", 200)
+    assert line["ms"] >= 0

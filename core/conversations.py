@@ -1,0 +1,158 @@
+"""The conversations API: list a tenant's conversations, read one's turns, delete one.
+
+Every route is scoped to the caller's tenant: another tenant's conversation does not exist
+for it (404, never 403, so that ids do not leak).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from core.chat import Caller, _store_available
+from core.history import Conversation, HistoryStore, MessageRecord
+from core.keys import SERVICE
+from core.web import ApiError, json_response
+
+CONVERSATIONS_LIMIT, CONVERSATIONS_MAX = 20, 100
+MESSAGES_LIMIT, MESSAGES_MAX = 50, 200
+OFFSET_MAX = 1_000_000_000  # beyond any real count; keeps the value in every store's range
+_INTEGER = re.compile(r"-?[0-9]{1,12}")
+
+CallerOf = Callable[[web.Request], Caller]
+
+
+def add_routes(router: web.UrlDispatcher, caller_of: CallerOf) -> None:
+    """`caller_of` tells who asks (core/routes.py's): its tenant scopes every route."""
+    api = ConversationRoutes(caller_of)
+    router.add_get("/conversations", api.list_conversations)
+    router.add_get("/conversations/{conversation_id}/messages", api.list_messages)
+    router.add_delete("/conversations/{conversation_id}", api.delete_conversation)
+
+
+class ConversationRoutes:
+    def __init__(self, caller_of: CallerOf) -> None:
+        self._caller_of = caller_of
+
+    async def list_conversations(self, request: web.Request) -> web.Response:
+        """The caller's conversations, the most recently active first, paged."""
+        limit, offset = _page(request, CONVERSATIONS_LIMIT, CONVERSATIONS_MAX)
+        tenant = self._caller_of(request).tenant
+        with _store_available():
+            found = await _store(request).conversations(tenant, limit, offset)
+        return json_response(
+            {
+                "conversations": [_conversation(conversation) for conversation in found],
+                **_paging(limit, offset, len(found)),
+            }
+        )
+
+    async def list_messages(self, request: web.Request) -> web.Response:
+        """A conversation's turns, oldest first, paged; 404 when the caller has none."""
+        limit, offset = _page(request, MESSAGES_LIMIT, MESSAGES_MAX)
+        tenant = self._caller_of(request).tenant
+        conversation_id = request.match_info["conversation_id"]
+        store = _store(request)
+        with _store_available():
+            found = await store.messages(tenant, conversation_id, limit, offset)
+            # An empty page past the end of a conversation that exists is not a 404.
+            exists = bool(found) or bool(await store.messages(tenant, conversation_id, 1, 0))
+        if not exists:
+            raise _not_found(conversation_id)
+        return json_response(
+            {
+                "conversation_id": conversation_id,
+                "messages": [_message(record) for record in found],
+                **_paging(limit, offset, len(found)),
+            }
+        )
+
+    async def delete_conversation(self, request: web.Request) -> web.Response:
+        """Delete a conversation's turns: 200 with how many, or 404 when there were none."""
+        tenant = self._caller_of(request).tenant
+        conversation_id = request.match_info["conversation_id"]
+        with _store_available():
+            deleted = await _store(request).delete_conversation(tenant, conversation_id)
+        if not deleted:
+            raise _not_found(conversation_id)
+        return json_response({"conversation_id": conversation_id, "deleted": deleted})
+
+
+def _store(request: web.Request) -> HistoryStore:
+    return request.app[SERVICE].store
+
+
+def _page(request: web.Request, default_limit: int, max_limit: int) -> tuple[int, int]:
+    """`limit` (1 to `max_limit`) and `offset` (0 or more) from the query string; a bad
+    value is a 422 naming the parameter."""
+    limit = _query_int(request, "limit", default_limit, 1, max_limit)
+    offset = _query_int(request, "offset", 0, 0, OFFSET_MAX)
+    return limit, offset
+
+
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    value = int(raw) if _INTEGER.fullmatch(raw) else None
+    if value is None or not low <= value <= high:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"{name}: must be an integer from {low} to {high} (got {raw[:40]!r})",
+            field=name,
+        )
+    return value
+
+
+def _paging(limit: int, offset: int, count: int) -> dict[str, Any]:
+    return {
+        "limit": limit,
+        "offset": offset,
+        "next_offset": offset + count if count == limit else None,
+    }
+
+
+def _not_found(conversation_id: str) -> ApiError:
+    return ApiError(
+        404,
+        "not_found",
+        f"conversation_id: no conversation '{conversation_id[:128]}'",
+        field="conversation_id",
+    )
+
+
+def _conversation(conversation: Conversation) -> dict[str, Any]:
+    return {
+        "conversation_id": conversation.conversation_id,
+        "turns": conversation.turns,
+        "first_query": conversation.first_query,
+        "created_at": conversation.created_at,
+        "updated_at": conversation.updated_at,
+    }
+
+
+def _message(record: MessageRecord) -> dict[str, Any]:
+    usage = record.usage
+    return {
+        "message_id": record.message_id,
+        "query": record.query,
+        "response": record.response,
+        "status": str(record.status),
+        "model": record.model,
+        "usage": None
+        if usage is None
+        else {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+        },
+        "latency": record.latency,
+        "error": record.error,
+        "feedback": None
+        if record.feedback_score == -1
+        else {"score": record.feedback_score, "reason": record.feedback_reason},
+        "created_at": record.created_at,
+    }
