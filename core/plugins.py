@@ -17,10 +17,12 @@ from core.providers import Message, ProviderFactory
 BUILTIN_PLUGINS = (
     "plugins.history_sqlite",
     "plugins.history_mongo",
+    "plugins.metrics",
     "plugins.providers.echo",
     "plugins.providers.litellm",
     "plugins.providers.openai_compat",
     "plugins.transports.sse",
+    "plugins.transports.openai",
     "plugins.transports.webhook",
 )
 

@@ -1,0 +1,283 @@
+"""OpenAI's Chat Completions wire format: `POST /v1/chat/completions` and `GET /v1/models`,
+so every OpenAI SDK is a chatbus client. The same chat service runs underneath (history,
+events, webhooks); chatbus's own fields ride as extra body fields.
+
+The last message is the query; the ones before it are the history, used as is. With the
+query alone, `conversation_id` and `history_len` read stored history, as on `/chat/chat`.
+Errors have OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`, where `code`
+is chatbus's error type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+import orjson
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from core.chat import ChatService, ChatTurn, ClientDisconnected, TurnResult
+from core.history import StoreUnavailable
+from core.hookspecs import hookimpl
+from core.keys import CONFIG, SERVICE
+from core.routes import caller_of
+from core.schemas import ChatRequest
+from core.web import ApiError, json_response, read_body
+
+SEPARATOR = b"\n\n"  # what OpenAI sends
+DONE = b"data: [DONE]" + SEPARATOR
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class CompletionMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_of(cls, content: object) -> object:
+        """A list of content parts becomes their text, one part a line; None is ""."""
+        if content is None:
+            return ""
+        if not isinstance(content, list):
+            return content
+        texts = []
+        for part in content:
+            if not (
+                isinstance(part, dict)
+                and part.get("type") == "text"
+                and isinstance(part.get("text"), str)
+            ):
+                raise ValueError('only text parts {"type": "text", "text": "..."} are supported')
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's request body, the fields chatbus uses; any other is ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None  # None: the configured default model
+    messages: list[CompletionMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None  # OpenAI's newer name: wins over max_tokens
+    # chatbus's own fields
+    conversation_id: str = ""
+    history_len: int = -1
+    prompt_name: str = "default"
+
+
+@hookimpl
+def register_routes(app: web.Application, router: web.UrlDispatcher) -> None:
+    router.add_post("/v1/chat/completions", openai_errors(chat_completions))
+    router.add_get("/v1/models", openai_errors(list_models))
+
+
+def openai_errors(handler: Handler) -> Handler:
+    """Answer errors raised before a response began in OpenAI's shape."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            status = 400 if exc.status == 422 else exc.status  # OpenAI: every bad input is 400
+            return error_response(status, exc.type, exc.message, exc.field)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            kind = exc.reason.lower().replace(" ", "_")
+            return error_response(exc.status, kind, exc.reason)
+
+    return wrapped
+
+
+def error_body(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    if status == 429:
+        kind = "rate_limit_error"
+    elif status >= 500:
+        kind = "api_error"
+    else:
+        kind = "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(
+    status: int, code: str, message: str, param: str | None = None, **extra: Any
+) -> web.Response:
+    return json_response({**error_body(status, code, message, param), **extra}, status)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    names = request.app[SERVICE].models.names
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": "chatbus"} for name in names]
+    return json_response({"object": "list", "data": data})
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    service = request.app[SERVICE]
+    body = await read_body(request, CompletionRequest)
+    model = body.model or service.default_model
+    if service.models.get(model) is None:  # OpenAI answers an unknown model with a 404
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"model: the model '{model}' does not exist"
+            f" (configured: {', '.join(service.models.names)})",
+            field="model",
+        )
+    chat_request = to_chat_request(body, model, config.chat.max_query_chars)
+    caller = caller_of(request)
+    turn = await service.start(chat_request, caller)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return await stream(request, service, turn, include_usage)
+
+    result = await turn.run()
+    ids = {"message_id": result.message_id, "conversation_id": turn.record.conversation_id}
+    if result.error is not None:
+        return error_response(
+            502, result.error.type, str(result.error), chatbus={**ids, "text": result.text}
+        )
+    return json_response(
+        {
+            "id": "chatcmpl-" + result.message_id,
+            "object": "chat.completion",
+            "created": int(turn.record.created_at),
+            "model": result.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": await usage_of(service, turn),
+            "chatbus": ids,
+        }
+    )
+
+
+def to_chat_request(body: CompletionRequest, model: str, max_query_chars: int) -> ChatRequest:
+    """The last message is the query, the ones before it the history."""
+    *earlier, last = body.messages
+    last_index = len(earlier)
+    if last.role != "user":
+        raise ApiError(
+            400,
+            "validation_error",
+            "messages: the last message must be the user's",
+            field="messages",
+        )
+    data: dict[str, Any] = {
+        "query": last.content,
+        "history": [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+            for m in earlier
+        ],
+        "conversation_id": body.conversation_id,
+        "history_len": body.history_len,
+        "stream": body.stream,
+        "model_name": model,
+        "max_tokens": (
+            body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+        ),
+        "prompt_name": body.prompt_name,
+    }
+    if body.temperature is not None:
+        data["temperature"] = body.temperature
+    try:
+        return ChatRequest.model_validate(data, context={"max_query_chars": max_query_chars})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]) if error["loc"] else ""
+        param = {"query": f"messages.{last_index}.content"}.get(name, name)
+        message = error["msg"].removeprefix("Value error, ")
+        raise ApiError(400, "validation_error", f"{param}: {message}", field=param) from None
+
+
+async def stream(
+    request: web.Request, service: ChatService, turn: ChatTurn, include_usage: bool
+) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    response = EventSourceResponse(
+        allow_all_methods=True, ping_interval=config.chat.keepalive_seconds
+    )
+    await response.prepare(request)
+    chunk = {
+        "id": "chatcmpl-" + turn.message_id,
+        "object": "chat.completion.chunk",
+        "created": int(turn.record.created_at),
+        "model": turn.record.model,  # the model asked for; the last chunk names who answered
+    }
+    # Every delta is the same chunk around its text: encode the rest once, splice it in.
+    head = b"data: " + orjson.dumps(chunk)[:-1] + b',"choices":[{"index":0,"delta":{"content":'
+    tail = b'},"finish_reason":null}]}' + SEPARATOR
+
+    async def send(text: str) -> None:
+        try:
+            await response.write(head + orjson.dumps(text) + tail)
+        except ConnectionResetError as exc:
+            raise ClientDisconnected from exc
+
+    async with response:
+        opening = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+        with contextlib.suppress(ConnectionResetError):  # if gone, the first delta says so
+            await response.write(frame({**chunk, "choices": [{**opening, "finish_reason": None}]}))
+        try:
+            result = await turn.run(send)
+        except ClientDisconnected:
+            return response  # the turn is recorded as cancelled
+        with contextlib.suppress(ConnectionResetError):  # gone at the very end: recorded
+            await response.write(await closing(service, turn, result, chunk, include_usage))
+    return response
+
+
+async def closing(
+    service: ChatService,
+    turn: ChatTurn,
+    result: TurnResult,
+    chunk: dict[str, Any],
+    include_usage: bool,
+) -> bytes:
+    """The frames after the last delta: the finish (or the error), usage, [DONE]."""
+    if result.error is not None:
+        return frame(error_body(502, result.error.type, str(result.error))) + DONE
+    chunk = {**chunk, "model": result.model}
+    finish = frame({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    if include_usage:
+        finish += frame({**chunk, "choices": [], "usage": await usage_of(service, turn)})
+    return finish + DONE
+
+
+def frame(data: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(data) + SEPARATOR
+
+
+async def usage_of(service: ChatService, turn: ChatTurn) -> dict[str, int]:
+    """The token counts stored with the turn; zeros when unknown."""
+    try:
+        record = await service.store.get_message(turn.record.tenant, turn.message_id)
+    except StoreUnavailable:
+        record = None
+    usage = record.usage if record is not None else None
+    prompt = (usage.prompt_tokens or 0) if usage is not None else 0
+    completion = (usage.completion_tokens or 0) if usage is not None else 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
