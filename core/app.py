@@ -15,6 +15,7 @@ import aiohttp
 import pluggy
 import structlog
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from core import auth, routes
@@ -22,7 +23,7 @@ from core.bus import EventBus
 from core.chat import ChatService
 from core.config import Config, ConfigError, first_problem
 from core.history import HistoryStore, StoreUnavailable
-from core.keys import CONFIG, PLUGINS, SERVICE
+from core.keys import CONFIG, METRICS, PLUGINS, SERVICE
 from core.plugins import history_store_factories, make_plugin_manager, provider_factories
 from core.registry import ModelRegistry
 from core.templates import PromptTemplates
@@ -39,6 +40,7 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     )
     app.on_response_prepare.append(add_request_id)
     app[CONFIG] = config
+    app[METRICS] = CollectorRegistry()
     app[PLUGINS] = pm
     app.cleanup_ctx.append(_service_ctx)
     routes.add_routes(app.router)

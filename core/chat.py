@@ -298,6 +298,12 @@ class ChatTurn:
         On cancellation or `ClientDisconnected` the upstream call is closed at once, the
         partial text is recorded as `cancelled` in the background, and the error propagates.
         """
+        with structlog.contextvars.bound_contextvars(
+            message_id=self.message_id, conversation_id=self.record.conversation_id
+        ):
+            return await self._run(send)
+
+    async def _run(self, send: Send | None) -> TurnResult:
         answer = _Answer(model=self.record.model, started=time.perf_counter())
         try:
             await self._answer(answer, send)

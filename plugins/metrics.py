@@ -1,7 +1,7 @@
 """`GET /metrics` in Prometheus' text format: requests by route and status, time to first
-token and total latency by model, tokens out, active streams. Each app has its own
-registry (no process-global state); the counts come from lifecycle events and one
-middleware, never from per-token work."""
+token and total latency by model, tokens out, active streams (and what other plugins add
+to the app's registry: webhook deliveries by outcome). The counts come from lifecycle
+events and one middleware, never from per-token work."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from prometheus_client import (
 
 from core.events import ChatEnded, ChatStarted
 from core.hookspecs import hookimpl
-from core.keys import PLUGINS
+from core.keys import METRICS, PLUGINS
 from core.web import ApiError
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -30,8 +30,8 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 class Metrics:
     """Registered with the app's plugin manager: it hears every chat's events."""
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         self.requests = Counter("chatbus_requests", "HTTP requests answered",
                                 ["route", "method", "status"], registry=self.registry)  # fmt: skip
         self.first_token = Histogram(
@@ -96,7 +96,7 @@ class Metrics:
 
 @hookimpl
 def register_routes(app: web.Application, router: web.UrlDispatcher) -> None:
-    metrics = Metrics()
+    metrics = Metrics(app[METRICS])
     app[PLUGINS].register(metrics, f"metrics-{id(app)}-{time.monotonic_ns()}")
     # Inside the error middleware (which turns errors into answers), outside the others.
     app.middlewares.insert(1, metrics.count)

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog
 from aiohttp import web
 from standardwebhooks import Webhook
 
@@ -386,3 +387,19 @@ async def test_redirects_are_never_followed(
     finally:
         await redirector.cleanup()
         await runner.cleanup()
+
+
+async def test_deliveries_are_counted_and_secrets_never_logged(
+    start_chatbus: StartChatbus, receiver: Receiver
+) -> None:
+    receiver.answers = [500]
+    with structlog.testing.capture_logs() as logs:
+        chatbus = await start_chatbus(**webhooks(receiver))
+        await chatbus.chat(query="count me")
+        await settled(chatbus, DeliveryStatus.DELIVERED)
+        async with chatbus.http.get(chatbus.url + "/metrics") as response:
+            text = await response.text()
+    assert 'chatbus_webhook_deliveries_total{outcome="retrying"} 1.0' in text
+    assert 'chatbus_webhook_deliveries_total{outcome="delivered"} 1.0' in text
+    assert SECRET not in str(logs) and SECRET.removeprefix("whsec_") not in str(logs)
+    assert any(entry["event"] == "webhook attempt" for entry in logs)

@@ -19,7 +19,7 @@ from aiohttp import web
 from core.config import Config
 from core.events import Event
 from core.hookspecs import hookimpl
-from core.keys import CONFIG, SERVICE
+from core.keys import CONFIG, METRICS, SERVICE
 from core.outbox import Delivery
 from plugins.transports.webhook import options
 from plugins.transports.webhook.deliverer import Deliverer
@@ -68,7 +68,7 @@ def register_routes(app: web.Application, router: web.UrlDispatcher) -> None:
     settings = options.delivery(config)
 
     async def deliver_in_background(app: web.Application) -> AsyncIterator[None]:
-        deliverer = Deliverer(app[SERVICE].store, settings)
+        deliverer = Deliverer(app[SERVICE].store, settings, app[METRICS])
         await deliverer.start()
         yield
         await deliverer.stop()

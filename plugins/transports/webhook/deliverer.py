@@ -17,7 +17,9 @@ from collections import Counter
 from datetime import UTC, datetime
 
 import aiohttp
+import prometheus_client as metrics
 import structlog
+from prometheus_client import CollectorRegistry
 from standardwebhooks import Webhook
 
 from core.history import HistoryStore, StoreUnavailable
@@ -29,11 +31,17 @@ RETRY_STATUSES = {408, 429}
 
 
 class Deliverer:
-    def __init__(self, store: HistoryStore, settings: Settings) -> None:
+    def __init__(
+        self, store: HistoryStore, settings: Settings, registry: CollectorRegistry
+    ) -> None:
         self.store = store
         self.settings = settings
         self.owner = f"chatbus-{uuid.uuid4().hex[:12]}"  # this instance, in leases
         self.counts: Counter[str] = Counter()
+        self.attempts = metrics.Counter(
+            "chatbus_webhook_deliveries", "Webhook delivery attempts by outcome",
+            ["outcome"], registry=registry,
+        )  # fmt: skip
         self._task: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
 
@@ -79,7 +87,9 @@ class Deliverer:
         else:
             delivery.last_error = error
             delivery.next_attempt_at = time.time() + self._delay(delivery.attempts, retry_after)
-        self.counts[str(delivery.status) if delivery.status != "pending" else "retrying"] += 1
+        outcome = str(delivery.status) if delivery.status != "pending" else "retrying"
+        self.counts[outcome] += 1
+        self.attempts.labels(outcome).inc()
         log.info("webhook attempt", delivery_id=delivery.delivery_id, url=delivery.url,
                  attempt=delivery.attempts, outcome=str(delivery.status), error=error)  # fmt: skip
         try:
