@@ -14,9 +14,8 @@ import structlog
 from aiohttp import web
 
 from core.config import AuthConfig, ConfigError
-from core.web import ApiError
+from core.web import TENANT, ApiError
 
-TENANT = web.RequestKey("tenant", str)
 DEFAULT_TENANT = "default"
 OPEN_PATHS = frozenset({"/health/live", "/health/ready"})
 

@@ -7,12 +7,11 @@ import asyncio
 from aiohttp import web
 
 from core import conversations
-from core.auth import TENANT
 from core.chat import Caller
 from core.history import StoreUnavailable
 from core.keys import SERVICE
 from core.schemas import FeedbackRequest
-from core.web import REQUEST_ID, json_response, read_body
+from core.web import REQUEST_ID, TENANT, json_response, read_body
 
 READY_TIMEOUT = 2.0
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 log = structlog.get_logger("chatbus.web")
 M = TypeVar("M", bound=BaseModel)
 REQUEST_ID = web.RequestKey("request_id", str)
+TENANT = web.RequestKey("tenant", str)  # set by core/auth.py
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -64,6 +65,7 @@ def request_context(access_log: bool) -> Any:
                         path=request.path,
                         status=status,
                         ms=elapsed,
+                        tenant=request.get(TENANT),
                     )
 
     return middleware

@@ -121,4 +121,5 @@ async def test_one_access_log_line_per_request_bound_to_its_ids(chatbus: Chatbus
             assert response.status == 200
     (line,) = [entry for entry in logs if entry["event"] == "request"]
     assert (line["method"], line["path"], line["status"]) == ("POST", "/chat/chat", 200)
+    assert line["tenant"] == "default"
     assert line["ms"] >= 0
