@@ -1,8 +1,10 @@
 """Delivers lifecycle events to the plugins that subscribe to them.
 
-Publishing never blocks a chat: each event is delivered by a background task. Every
-subscriber is called on its own: one that raises is logged, one that hangs is cut off after
-the configured timeout, and neither changes what the client receives or what others get.
+Publishing never waits for a subscriber to finish: plain functions are called at once (a
+microsecond's work, like counting, needs no task; keep them short: they run on the event
+loop), `async def` ones are awaited in a background task. Every subscriber is called on its
+own: one that raises is logged, an async one that hangs is cut off after the configured
+timeout, and neither changes what the client receives or what others get.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from collections.abc import Awaitable
 
 import pluggy
 import structlog
-from pluggy import HookImpl
 
 from core.events import Event
 
@@ -27,31 +28,30 @@ class EventBus:
         self._pending: set[asyncio.Task[None]] = set()
 
     def publish(self, event: Event) -> None:
-        impls = getattr(self._hooks, event.hook).get_hookimpls()
-        if not impls:
-            return
-        task = asyncio.create_task(self._deliver(event, impls))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def drain(self) -> None:
-        """Wait until every event published so far has been delivered (or timed out)."""
-        while self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
-
-    async def _deliver(self, event: Event, impls: list[HookImpl]) -> None:
+        """Call the subscribers now; await the `async def` ones in a background task."""
         waits = []
-        for impl in reversed(impls):  # pluggy's own order: tryfirst first, trylast last
+        for impl in reversed(getattr(self._hooks, event.hook).get_hookimpls()):
+            # pluggy's own order (tryfirst first); an impl may leave out the argument.
             try:
-                # A subscriber may leave out the argument: pluggy lets impls take a subset.
                 result = impl.function(**({"event": event} if impl.argnames else {}))
             except Exception:
                 log.exception("subscriber failed", hook=event.hook, plugin=impl.plugin_name)
                 continue
             if inspect.isawaitable(result):
                 waits.append(self._await(result, event, impl.plugin_name))
-        if waits:
-            await asyncio.gather(*waits)
+        if waits:  # no task at all when every subscriber is a plain function
+            task = asyncio.create_task(self._gather(waits))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def drain(self) -> None:
+        """Wait until every event published so far has been delivered (or timed out)."""
+        while self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+    @staticmethod
+    async def _gather(waits: list[Awaitable[None]]) -> None:
+        await asyncio.gather(*waits)
 
     async def _await(self, result: Awaitable[object], event: Event, plugin: str) -> None:
         try:
