@@ -10,9 +10,10 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from core.history import MessageRecord, Outcome, Status, Turn
+from core.history import Status, Turn
 from plugins.history_sqlite import make_store
 from plugins.history_sqlite.store import SqliteStore
+from tests.test_history_stores import add_turn, record
 
 
 @pytest.fixture
@@ -28,31 +29,6 @@ async def store(db_path: Path) -> AsyncIterator[SqliteStore]:
         yield store
     finally:
         await store.close()
-
-
-def record(message_id: str, query: str = "q", **fields: object) -> MessageRecord:
-    values: dict[str, object] = {
-        "message_id": message_id,
-        "conversation_id": "c1",
-        "query": query,
-        "model": "echo",
-        "created_at": 1_700_000_000.0,
-    }
-    values.update(fields)
-    return MessageRecord(**values)  # type: ignore[arg-type]
-
-
-def done(response: str, status: Status = Status.COMPLETED, **fields: object) -> Outcome:
-    values: dict[str, object] = {"response": response, "status": status, "usage": None}
-    values.update({"latency": 0.5, **fields})
-    return Outcome(**values)  # type: ignore[arg-type]
-
-
-async def add_turn(
-    store: SqliteStore, message_id: str, query: str, response: str, **fields: object
-) -> None:
-    await store.add_message(record(message_id, query, **fields))
-    await store.finish_message(message_id, done(response))
 
 
 def read_file_state(path: Path) -> tuple[str, int, int]:

@@ -19,12 +19,13 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from core.chat import ChatService, ChatTurn, ClientDisconnected, TurnResult
+from core.chat import ChatService
 from core.history import StoreUnavailable
 from core.hookspecs import hookimpl
 from core.keys import CONFIG, SERVICE
 from core.routes import caller_of
 from core.schemas import ChatRequest
+from core.turn import ChatTurn, ClientDisconnected, TurnResult
 from core.web import ApiError, json_response, read_body
 
 SEPARATOR = b"\n\n"  # what OpenAI sends

@@ -14,11 +14,11 @@ import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from core.chat import ClientDisconnected, TurnResult
 from core.hookspecs import hookimpl
 from core.keys import CONFIG, SERVICE
 from core.routes import caller_of
 from core.schemas import ChatRequest
+from core.turn import ClientDisconnected, TurnResult
 from core.web import json_response, read_body
 
 SEPARATOR = b"\r\n\r\n"  # what chatchat's own server (sse-starlette) sends

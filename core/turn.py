@@ -1,0 +1,176 @@
+"""One turn on its way: the model, its retries and fallbacks, the relay of every delta to
+the transport, and how the turn ended, stored and published."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import structlog
+
+from core.events import ChatCancelled, ChatCompleted, ChatFailed
+from core.history import MessageRecord, Outcome, Status
+from core.providers import ModelCall, Provider, ProviderError, Usage
+
+if TYPE_CHECKING:
+    from core.chat import ChatService
+
+log = structlog.get_logger("chatbus.chat")
+
+Send = Callable[[str], Awaitable[None]]
+
+
+class ClientDisconnected(Exception):
+    """Raised by a transport's `send` when the client is gone."""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnResult:
+    message_id: str
+    text: str
+    status: Status
+    error: ProviderError | None
+    model: str  # the model that answered
+
+
+class ChatTurn:
+    """One stored turn on its way: run it once."""
+
+    call: ModelCall
+
+    def __init__(self, service: ChatService, record: MessageRecord, request_id: str) -> None:
+        self._service = service
+        self.record = record
+        self.ids = {
+            "message_id": record.message_id,
+            "conversation_id": record.conversation_id,
+            "tenant": record.tenant,
+            "request_id": request_id,
+            "query": record.query,
+            "callback_url": record.meta.get("callback_url"),
+        }
+
+    @property
+    def message_id(self) -> str:
+        return self.record.message_id
+
+    async def run(self, send: Send | None = None) -> TurnResult:
+        """Stream the answer to `send` (if given); store and publish how it ended.
+
+        On cancellation or `ClientDisconnected` the upstream call is closed at once, the
+        partial text is recorded as `cancelled` in the background, and the error propagates.
+        """
+        with structlog.contextvars.bound_contextvars(
+            message_id=self.message_id, conversation_id=self.record.conversation_id
+        ):
+            return await self._run(send)
+
+    async def _run(self, send: Send | None) -> TurnResult:
+        answer = _Answer(model=self.record.model, started=time.perf_counter())
+        try:
+            await self._answer(answer, send)
+        except (asyncio.CancelledError, ClientDisconnected):
+            self._service.spawn(self._finish(answer, Status.CANCELLED))
+            raise
+        except ProviderError as exc:
+            return await self._finish(answer, Status.FAILED, exc)
+        return await self._finish(answer, Status.COMPLETED)
+
+    async def _answer(self, answer: _Answer, send: Send | None) -> None:
+        """The model, then its retries, then its fallbacks, until one answers. Once the
+        client has text, nothing is retried: a failure then fails the turn."""
+        error: ProviderError | None = None
+        for route in self._service.models.chain(self.record.model):
+            answer.model = route.name
+            for attempt in range(route.retries + 1):
+                if attempt:
+                    assert error is not None
+                    await asyncio.sleep(route.delay(attempt, error))
+                try:
+                    await self._relay(route.provider, answer, send)
+                except ProviderError as exc:
+                    route.record(exc)
+                    if answer.parts:
+                        raise
+                    error = exc
+                    log.warning(
+                        "model failed",
+                        model=route.name,
+                        attempt=attempt + 1,
+                        error=exc.type,
+                        message_id=self.message_id,
+                    )
+                    if not exc.retryable:
+                        break
+                else:
+                    route.record(None)
+                    return
+        assert error is not None
+        raise error
+
+    async def _relay(self, provider: Provider, answer: _Answer, send: Send | None) -> None:
+        """The hot path: every delta from the provider straight to the transport."""
+        parts = answer.parts
+        answer.usage = None  # a failed attempt's count is not this one's
+        try:
+            async with aclosing(provider.stream(self.call)) as pieces:
+                async for piece in pieces:
+                    if isinstance(piece, str):
+                        if not piece:
+                            continue  # nothing to send, and not yet an answer
+                        if answer.first is None:
+                            answer.first = time.perf_counter()
+                        parts.append(piece)
+                        if send is not None:
+                            await send(piece)
+                    elif isinstance(piece, Usage):
+                        answer.usage = piece
+        except (ProviderError, asyncio.CancelledError, ClientDisconnected):
+            raise
+        except Exception as exc:  # a provider bug must not crash the turn unrecorded
+            log.exception("provider crashed", model=answer.model, message_id=self.message_id)
+            raise ProviderError(f"the provider failed: {type(exc).__name__}") from None
+
+    async def _finish(
+        self, answer: _Answer, status: Status, error: ProviderError | None = None
+    ) -> TurnResult:
+        text = "".join(answer.parts)
+        latency = time.perf_counter() - answer.started
+        first_token = answer.first - answer.started if answer.first is not None else None
+        outcome = Outcome(
+            text, status, answer.usage, latency, error.type if error else None, answer.model
+        )
+        common = {
+            **self.ids,
+            "model": answer.model,  # the model that answered, a fallback perhaps
+            "text": text,
+            "usage": answer.usage,
+            "latency": latency,
+            "first_token_latency": first_token,
+        }
+        if error is not None:
+            event: ChatCompleted | ChatFailed | ChatCancelled = ChatFailed(
+                **common, error_type=error.type, error_message=str(error)
+            )
+        elif status is Status.CANCELLED:
+            event = ChatCancelled(**common)
+        else:
+            event = ChatCompleted(**common)
+        await self._service.save_outcome(self.message_id, outcome, self._service.plan(event))
+        self._service.bus.publish(event)
+        return TurnResult(self.message_id, text, status, error, answer.model)
+
+
+@dataclass(slots=True)
+class _Answer:
+    """What a turn has produced so far."""
+
+    model: str  # the model answering: the requested one, or the fallback trying now
+    started: float
+    parts: list[str] = field(default_factory=list)
+    usage: Usage | None = None
+    first: float | None = None
