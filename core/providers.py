@@ -13,6 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 import aiohttp
 
 Message = dict[str, str]  # {"role": ..., "content": ...}, the OpenAI shape
+# Words by which upstreams say a prompt is too long, when they give no better sign.
+CONTEXT_HINTS = ("context_length", "context length", "maximum context", "too many tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,3 +88,19 @@ class ContextWindowExceeded(BadRequest):
 
 class MalformedResponse(ProviderError):
     type = "malformed_response"
+
+
+def refuse_keys_in_file(options: object) -> None:
+    """For a provider's options validator: a key written in the config file is refused."""
+    if isinstance(options, dict) and "api_key" in options:
+        raise ValueError(
+            "api_key: keys never go in the file; name an environment variable in api_key_env"
+            " instead"
+        )
+
+
+def redacted(error: ProviderError, key: str | None) -> ProviderError:
+    """Never let an upstream's echo of our key reach a client or a log line."""
+    if key:
+        error.args = tuple(str(arg).replace(key, "[redacted]") for arg in error.args)
+    return error

@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at      REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (tenant, conversation_id, seq);
-CREATE INDEX IF NOT EXISTS messages_by_status ON messages (status);
+-- No index on status: it would be kept up on every turn's two writes for a sweep that
+-- runs once, at start-up, where one scan of the table does.
 """
 COLUMNS = (
     "message_id",

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.hookspecs import hookimpl
 from core.providers import (
+    CONTEXT_HINTS,
     AuthenticationFailed,
     BadRequest,
     ContextWindowExceeded,
@@ -38,10 +39,11 @@ from core.providers import (
     UpstreamTimeout,
     UpstreamUnavailable,
     Usage,
+    redacted,
+    refuse_keys_in_file,
 )
 
 log = structlog.get_logger("chatbus.litellm")
-CONTEXT_HINTS = ("context_length", "context length", "maximum context", "too many tokens")
 LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
 # Options that give one call litellm callbacks of its own: such a model reads streams to the end.
 CALLBACK_OPTIONS = ("callbacks", "success_callback", "logger_fn")
@@ -72,12 +74,8 @@ class LiteLLMOptions(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_secrets(cls, data: Any) -> Any:
+        refuse_keys_in_file(data)
         if isinstance(data, dict):
-            if "api_key" in data:
-                raise ValueError(
-                    "api_key: keys never go in the file; name an environment"
-                    " variable in api_key_env instead"
-                )
             for key, why in RESERVED.items():
                 if key in data:
                     raise ValueError(f"{key}: not an option here, {why}")
@@ -186,7 +184,7 @@ class LiteLLMProvider:
             error = provider_error(exc)
             if error is None:
                 raise  # not litellm's: a bug, which the chat service logs whole
-            raise _scrubbed(error, key) from None
+            raise redacted(error, key) from None
         finally:
             if response is not None:
                 # Closes the upstream response, so its connection is released at once when
@@ -305,13 +303,6 @@ def _json_error_in_chain(exc: BaseException) -> bool:
             following = original if isinstance(original, BaseException) else None
         current = following
     return False
-
-
-def _scrubbed(exc: ProviderError, key: str | None) -> ProviderError:
-    """Never let an upstream echo of our key reach a client or a log line."""
-    if key:
-        exc.args = tuple(str(arg).replace(key, "[redacted]") for arg in exc.args)
-    return exc
 
 
 # --- registration -------------------------------------------------------------------------

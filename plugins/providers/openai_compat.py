@@ -16,6 +16,7 @@ from yarl import URL
 
 from core.hookspecs import hookimpl
 from core.providers import (
+    CONTEXT_HINTS,
     AuthenticationFailed,
     BadRequest,
     ContextWindowExceeded,
@@ -27,10 +28,11 @@ from core.providers import (
     UpstreamTimeout,
     UpstreamUnavailable,
     Usage,
+    redacted,
+    refuse_keys_in_file,
 )
 
 log = structlog.get_logger("chatbus.openai_compat")
-CONTEXT_HINTS = ("context_length", "context length", "maximum context", "too many tokens")
 
 
 class OpenAICompatOptions(BaseModel):
@@ -48,11 +50,7 @@ class OpenAICompatOptions(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_secrets(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "api_key" in data:
-            raise ValueError(
-                "api_key: keys never go in the file; name an environment"
-                " variable in api_key_env instead"
-            )
+        refuse_keys_in_file(data)
         return data
 
     @field_validator("base_url")
@@ -139,7 +137,7 @@ class OpenAICompatProvider:
                 if not finished and pending[5:].strip() != b"[DONE]":
                     raise UpstreamUnavailable("the upstream ended the stream before finishing")
         except ProviderError as exc:
-            raise _scrubbed(exc, headers) from None
+            raise redacted(exc, headers.get("Authorization", "").removeprefix("Bearer ")) from None
         except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
             raise MalformedResponse(f"the upstream sent an unexpected chunk ({exc!r})") from None
         except TimeoutError:
@@ -202,14 +200,6 @@ def _error_from_body(status: int, error: Any) -> ProviderError:
     if 400 <= status < 500:
         return BadRequest(text)
     return ProviderError(text)
-
-
-def _scrubbed(exc: ProviderError, headers: dict[str, str]) -> ProviderError:
-    """Never let an upstream echo of our key reach a client or a log line."""
-    key = headers.get("Authorization", "").removeprefix("Bearer ")
-    if key:
-        exc.args = tuple(str(arg).replace(key, "[redacted]") for arg in exc.args)
-    return exc
 
 
 @hookimpl

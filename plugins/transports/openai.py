@@ -27,6 +27,7 @@ from core.routes import caller_of
 from core.schemas import ChatRequest
 from core.turn import ChatTurn, ClientDisconnected, TurnResult
 from core.web import ApiError, json_response, read_body
+from plugins.transports.frames import frame_sender
 
 SEPARATOR = b"\n\n"  # what OpenAI sends
 DONE = b"data: [DONE]" + SEPARATOR
@@ -227,12 +228,7 @@ async def stream(
     # Every delta is the same chunk around its text: encode the rest once, splice it in.
     head = b"data: " + orjson.dumps(chunk)[:-1] + b',"choices":[{"index":0,"delta":{"content":'
     tail = b'},"finish_reason":null}]}' + SEPARATOR
-
-    async def send(text: str) -> None:
-        try:
-            await response.write(head + orjson.dumps(text) + tail)
-        except ConnectionResetError as exc:
-            raise ClientDisconnected from exc
+    send = frame_sender(response, head, tail)
 
     async with response:
         opening = {"index": 0, "delta": {"role": "assistant", "content": ""}}

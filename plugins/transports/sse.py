@@ -20,6 +20,7 @@ from core.routes import caller_of
 from core.schemas import ChatRequest
 from core.turn import ClientDisconnected, TurnResult
 from core.web import json_response, read_body
+from plugins.transports.frames import frame_sender
 
 SEPARATOR = b"\r\n\r\n"  # what chatchat's own server (sse-starlette) sends
 
@@ -50,12 +51,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     # The message id is the same in every frame: encode it once, splice each delta in.
     head = b'data: {"text":'
     tail = b',"message_id":"' + turn.message_id.encode() + b'"}' + SEPARATOR
-
-    async def send(text: str) -> None:
-        try:
-            await response.write(head + orjson.dumps(text) + tail)
-        except ConnectionResetError as exc:
-            raise ClientDisconnected from exc
+    send = frame_sender(response, head, tail)
 
     async with response:
         try:
