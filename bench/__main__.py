@@ -133,14 +133,30 @@ class Bench:
         return proc, f"http://127.0.0.1:{port}", time.perf_counter() - started
 
     def load(self, mode: str, kind: str, url: str, tokens: int, count: int, **opts: Any) -> Any:
+        return self._load(mode, [(kind, url)], tokens, count, **opts)
+
+    def seq(
+        self, routes: dict[str, tuple[str, str]], count: int, warmup: int, cap: float
+    ) -> dict[str, Any]:
+        """Sequential latency of several paths taken in turns (see `bench.load`), by path."""
+        tokens = self.counts.tokens
+        out = self._load("seq", list(routes.values()), tokens, count, warmup=warmup, cap=cap)
+        return dict(zip(routes, out["paths"], strict=True))
+
+    def _load(
+        self, mode: str, routes: list[tuple[str, str]], tokens: int, count: int, **opts: Any
+    ) -> Any:
         cap = opts.pop("cap", 90.0)
         timeout = self.deadline.left(cap)
-        argv = [sys.executable, "-m", "bench.load", mode, "--kind", kind, "--url", url]
+        argv = [sys.executable, "-m", "bench.load", mode]
+        for kind, url in routes:
+            argv += ["--kind", kind, "--url", url]
         argv += ["--tokens", str(tokens), "--count", str(count)]
         argv += ["--deadline", str(max(1.0, timeout - 2))]
         for key, value in opts.items():
             argv += [f"--{key}", str(value)]
-        progress(f"{mode} {kind}: {count} answers")
+        kinds = " | ".join(kind for kind, _ in routes)
+        progress(f"{mode} {kinds}: {count} {'rounds' if len(routes) > 1 else 'answers'}")
         return self.procs.run_json(f"load-{mode}", argv, timeout + 5)
 
 
@@ -187,10 +203,9 @@ def run(counts: Counts, procs: Procs, deadline: Deadline, tmp: Path) -> dict[str
         CHATBUS: (("chatbus:fast", chatbus_url), ("chatbus:slow", chatbus_url)),
     }
     paths: dict[str, dict[str, Any]] = {DIRECT: {}, CHATBUS: {}}
-    for key, ((kind, url), _) in routes.items():
-        paths[key]["seq"] = bench.load(
-            "seq", kind, url, c.tokens, c.seq_count, warmup=c.seq_warmup, cap=60.0
-        )
+    fast_routes = {key: fast for key, (fast, _) in routes.items()}
+    for key, run in bench.seq(fast_routes, c.seq_count, c.seq_warmup, cap=90.0).items():
+        paths[key]["seq"] = run
     for key, ((kind, url), _) in routes.items():
         pids = {"chatbus": proc.pid, "upstream": fast_pid}
         with Sampler(proc.pid, pids) as sampler:
@@ -266,10 +281,8 @@ def litellm_paths(
         CHATBUS_LITELLM: ("chatbus:lite", url),
     }
     paths: dict[str, dict[str, Any]] = {key: {} for key in routes}
-    for key, (kind, target) in routes.items():
-        paths[key]["seq"] = bench.load(
-            "seq", kind, target, c.tokens, c.lite_seq_count, warmup=c.lite_seq_warmup, cap=90.0
-        )
+    for key, run in bench.seq(routes, c.lite_seq_count, c.lite_seq_warmup, cap=150.0).items():
+        paths[key]["seq"] = run
     for key, (kind, target) in routes.items():
         pids = {"chatbus": proc.pid, "upstream": fast_pid}
         with Sampler(proc.pid, pids) as sampler:

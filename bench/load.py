@@ -1,7 +1,8 @@
 """The load generator, a process of its own: drives one path and prints one JSON object.
 
     python -m bench.load seq     --kind direct|litellm|litellm:at-usage|chatbus:MODEL --url URL
-                                 --tokens N --count N --warmup N
+                                 [--kind ... --url ...] --tokens N --count N --warmup N
+                                 (several paths: one answer from each in turn, round after round)
     python -m bench.load rate    --kind ... --count N --concurrency C
     python -m bench.load streams --kind ... --count N   (all open at once, frame gaps measured)
 
@@ -229,25 +230,49 @@ def session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
 
 
-async def seq(args: argparse.Namespace, target: Target) -> dict[str, Any]:
-    """Sequential latency of whole answers on one warm connection."""
+async def seq(args: argparse.Namespace, targets: list[Target]) -> dict[str, Any]:
+    """Sequential latency of whole answers, one path or several on one warm connection each.
+
+    Several paths take turns: a round is one answer from each, in an order that rotates, so
+    whatever else the machine does meanwhile falls on every path alike. Each path after the
+    first also gets `ratio_to_first`: the median, over the rounds, of its latency divided by
+    the first path's in the same round."""
     timeout = aiohttp.ClientTimeout(total=args.timeout, sock_connect=5)
-    errors, warmup_errors = Errors(), Errors()
-    latencies: list[float] = []
+    n = len(targets)
+    errors = [Errors() for _ in targets]
+    warmup_errors = Errors()
+    rounds: list[list[float | None]] = []
     async with session() as s:
         for _ in range(args.warmup):
-            await attempt(s, target, timeout, warmup_errors)
-        for _ in range(args.count):
-            started = time.perf_counter()
-            if await attempt(s, target, timeout, errors):
-                latencies.append((time.perf_counter() - started) * 1000)
-    return {
-        "count": args.count,
-        "warmup": args.warmup,
-        "latency_ms": summary(latencies),
-        "errors": errors.json(),
-        "warmup_errors": warmup_errors.json(),
-    }
+            for target in targets:
+                await attempt(s, target, timeout, warmup_errors)
+        for r in range(args.count):
+            latencies: list[float | None] = [None] * n
+            for i in ((r + k) % n for k in range(n)):
+                started = time.perf_counter()
+                if await attempt(s, targets[i], timeout, errors[i]):
+                    latencies[i] = (time.perf_counter() - started) * 1000
+            rounds.append(latencies)
+    paths = []
+    for i in range(n):
+        ratios = [row[i] / row[0] for row in rounds if row[i] is not None and row[0]]
+        paths.append(
+            {
+                "count": args.count,
+                "warmup": args.warmup,
+                "latency_ms": summary([row[i] for row in rounds if row[i] is not None]),
+                "ratio_to_first": median(ratios) if i and ratios else None,
+                "errors": errors[i].json(),
+                "warmup_errors": warmup_errors.json(),
+            }
+        )
+    return {"paths": paths}
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 async def rate(args: argparse.Namespace, target: Target) -> dict[str, Any]:
@@ -341,35 +366,42 @@ async def streams(args: argparse.Namespace, target: Target) -> dict[str, Any]:
     }
 
 
-MODES = {"seq": seq, "rate": rate, "streams": streams}
+ONE_PATH = {"rate": rate, "streams": streams}  # seq takes one path or several
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__)
-    parser.add_argument("mode", choices=sorted(MODES))
-    parser.add_argument("--kind", required=True, help="direct, or chatbus:<model_name>")
-    parser.add_argument("--url", required=True)
+    parser.add_argument("mode", choices=["seq", *ONE_PATH])
+    kinds = "direct, litellm, litellm:at-usage or chatbus:<model_name>; seq takes several"
+    parser.add_argument("--kind", required=True, action="append", help=kinds)
+    parser.add_argument("--url", required=True, action="append", help="one per --kind")
     parser.add_argument("--tokens", type=int, required=True, help="content frames per answer")
-    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--count", type=int, required=True, help="answers (seq: rounds)")
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     parser.add_argument("--deadline", type=float, default=120.0, help="seconds for the run")
     args = parser.parse_args(argv)
-    if not args.url.startswith(("http://127.0.0.1:", "http://localhost:")):
+    if len(args.kind) != len(args.url):
+        parser.error("give one --url for each --kind")
+    if args.mode != "seq" and len(args.kind) > 1:
+        parser.error(f"{args.mode} takes one path")
+    if not all(url.startswith(("http://127.0.0.1:", "http://localhost:")) for url in args.url):
         parser.error("--url must be on loopback")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = hard if hard != resource.RLIM_INFINITY else 65536
     if soft != resource.RLIM_INFINITY and soft < wanted:  # a thousand streams, as many sockets
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    target = Target.of(args.kind, args.url, args.tokens)
+    targets = [Target.of(k, u, args.tokens) for k, u in zip(args.kind, args.url, strict=True)]
 
     async def bounded() -> dict[str, Any]:
         async with asyncio.timeout(args.deadline):
-            return await MODES[args.mode](args, target)
+            if args.mode == "seq":
+                return await seq(args, targets)
+            return await ONE_PATH[args.mode](args, targets[0])
 
     run: Callable[[Any], Any] = asyncio.run
-    if target.litellm:
+    if any(target.litellm for target in targets):
         # Here this process is the path measured, not only its client: it runs litellm the
         # way chatbus runs it (uvloop; start-up frozen out of the GC, young collections rare).
         load_litellm()

@@ -51,5 +51,10 @@ def test_quick_bench_writes_the_report(tmp_path: Path) -> None:
         assert results["paths"][path]["seq"]["errors"]["total"] == 0
         assert results["paths"][path]["rate"]["errors"]["total"] == 0
         assert results["paths"][path]["seq"]["latency_ms"]["p50"] > 0
+    # Sequential runs take turns: each chatbus path is also judged round by round on its floor.
+    for floor, path in (("direct", "chatbus_openai_compat"), ("litellm_direct", "chatbus_litellm")):
+        assert results["paths"][floor]["seq"]["ratio_to_first"] is None
+        assert results["paths"][path]["seq"]["ratio_to_first"] > 0
+        assert results["paths"][path]["seq"]["count"] == results["paths"][floor]["seq"]["count"]
     # With a litellm model, start-up includes importing litellm; without, it does not.
     assert results["startup"]["litellm_seconds"] > results["startup"]["seconds"]

@@ -27,7 +27,7 @@ from core.routes import caller_of
 from core.schemas import ChatRequest
 from core.turn import ChatTurn, ClientDisconnected, TurnResult
 from core.web import ApiError, json_response, read_body
-from plugins.transports.frames import frame_sender
+from plugins.transports.frames import FrameWriter
 
 SEPARATOR = b"\n\n"  # what OpenAI sends
 DONE = b"data: [DONE]" + SEPARATOR
@@ -228,18 +228,17 @@ async def stream(
     # Every delta is the same chunk around its text: encode the rest once, splice it in.
     head = b"data: " + orjson.dumps(chunk)[:-1] + b',"choices":[{"index":0,"delta":{"content":'
     tail = b'},"finish_reason":null}]}' + SEPARATOR
-    send = frame_sender(response, head, tail)
+    frames = FrameWriter(response, head, tail)
 
     async with response:
         opening = {"index": 0, "delta": {"role": "assistant", "content": ""}}
         with contextlib.suppress(ConnectionResetError):  # if gone, the first delta says so
             await response.write(frame({**chunk, "choices": [{**opening, "finish_reason": None}]}))
         try:
-            result = await turn.run(send)
+            result = await turn.run(frames.send)
         except ClientDisconnected:
             return response  # the turn is recorded as cancelled
-        with contextlib.suppress(ConnectionResetError):  # gone at the very end: recorded
-            await response.write(await closing(service, turn, result, chunk, include_usage))
+        await frames.end(await closing(service, turn, result, chunk, include_usage))
     return response
 
 

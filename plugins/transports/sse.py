@@ -7,7 +7,6 @@ silent. An error after the stream began is one last frame with an `error` object
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import orjson
@@ -20,7 +19,7 @@ from core.routes import caller_of
 from core.schemas import ChatRequest
 from core.turn import ClientDisconnected, TurnResult
 from core.web import json_response, read_body
-from plugins.transports.frames import frame_sender
+from plugins.transports.frames import FrameWriter
 
 SEPARATOR = b"\r\n\r\n"  # what chatchat's own server (sse-starlette) sends
 
@@ -51,15 +50,15 @@ async def chat(request: web.Request) -> web.StreamResponse:
     # The message id is the same in every frame: encode it once, splice each delta in.
     head = b'data: {"text":'
     tail = b',"message_id":"' + turn.message_id.encode() + b'"}' + SEPARATOR
-    send = frame_sender(response, head, tail)
+    frames = FrameWriter(response, head, tail)
 
     async with response:
         try:
-            result = await turn.run(send)
+            result = await turn.run(frames.send)
         except ClientDisconnected:
             return response  # the turn is recorded as cancelled
-        if result.error is not None:
-            await _write_last(response, b"data: " + orjson.dumps(_error(result)) + SEPARATOR)
+        last = b"" if result.error is None else b"data: " + orjson.dumps(_error(result)) + SEPARATOR
+        await frames.end(last)
     return response
 
 
@@ -70,9 +69,3 @@ def _error(result: TurnResult) -> dict[str, Any]:
         "message_id": result.message_id,
         "error": {"type": result.error.type, "message": str(result.error)},
     }
-
-
-async def _write_last(response: EventSourceResponse, frame: bytes) -> None:
-    # The client may have left at the very end; the record already says what happened.
-    with contextlib.suppress(ConnectionResetError):
-        await response.write(frame)
