@@ -12,6 +12,7 @@ import pytest
 from core.events import ChatCompleted, ChatReceived, ChatStarted
 from core.history import Status
 from core.hookspecs import hookimpl
+from core.providers import Usage
 from tests.conftest import Chatbus, StartChatbus
 from tests.fake_upstream import FakeUpstream
 
@@ -375,3 +376,34 @@ async def test_prepare_messages_wrapper_edits_the_prompt(
         {"role": "system", "content": "model=fake"},
         {"role": "user", "content": "hi"},
     ]
+
+
+class OddPieces:
+    """A provider kind whose stream yields what docs/plugins.md says chatbus skips."""
+
+    @hookimpl
+    def register_providers(self, register: Any) -> None:
+        register("odd", lambda spec, http: self)
+
+    async def stream(self, call: Any) -> Any:
+        yield ""  # skipped: not a first token
+        yield None
+        yield 42
+        yield "a "
+        await asyncio.sleep(0.01)
+        yield Usage(prompt_tokens=1, completion_tokens=2)
+        yield b"bytes"
+        yield "b"
+
+
+async def test_a_provider_s_empty_and_foreign_pieces_are_skipped(
+    start_chatbus: StartChatbus,
+) -> None:
+    chatbus = await start_chatbus(OddPieces(), models={"odd": {"provider": "odd"}})
+    stream = await chatbus.chat(query="q", model_name="odd")
+    assert [frame["text"] for frame in stream.frames] == ["a ", "b"]
+    (message_id,) = stream.message_ids
+    record = await chatbus.store.get_message("default", message_id)
+    assert record is not None
+    assert (record.response, record.status) == ("a b", Status.COMPLETED)
+    assert record.usage == Usage(prompt_tokens=1, completion_tokens=2)
