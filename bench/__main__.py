@@ -330,9 +330,9 @@ def commit() -> str:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, timeout=5
         )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, timeout=5
-        )
+        # A result from an earlier run is no change to what is measured.
+        status = ["git", "status", "--porcelain", "--", ".", ":(exclude)bench/results"]
+        dirty = subprocess.run(status, cwd=ROOT, capture_output=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     if head.returncode != 0:
