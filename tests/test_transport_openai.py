@@ -224,6 +224,23 @@ async def test_upstream_failure_not_streamed_is_a_502(
     assert record is not None and record.status is Status.FAILED
 
 
+async def test_an_sdk_does_not_retry_a_failed_turn(
+    chatbus: Chatbus, upstream: FakeUpstream
+) -> None:
+    upstream.behaviour.fail_status = 500
+    # The SDK's defaults: it would retry a 502 twice, each try a turn of its own.
+    async with AsyncOpenAI(base_url=chatbus.url + "/v1", api_key="unused") as sdk:
+        assert sdk.max_retries == 2
+        with pytest.raises(openai.APIStatusError) as caught:
+            await sdk.chat.completions.create(
+                model="fake", messages=[USER], extra_body={"conversation_id": "c-retry"}
+            )
+    assert caught.value.status_code == 502
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    turns = await chatbus.store.messages("default", "c-retry", limit=10, offset=0)
+    assert [turn.status for turn in turns] == [Status.FAILED]
+
+
 async def test_upstream_breaks_mid_stream(
     chatbus: Chatbus, client: AsyncOpenAI, upstream: FakeUpstream
 ) -> None:

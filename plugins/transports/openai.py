@@ -106,6 +106,9 @@ def openai_errors(handler: Handler) -> Handler:
     return wrapped
 
 
+NO_SDK_RETRY = {"x-should-retry": "false"}
+
+
 def error_body(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
     if status == 429:
         kind = "rate_limit_error"
@@ -117,9 +120,14 @@ def error_body(status: int, code: str, message: str, param: str | None = None) -
 
 
 def error_response(
-    status: int, code: str, message: str, param: str | None = None, **extra: Any
+    status: int,
+    code: str,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
 ) -> web.Response:
-    return json_response({**error_body(status, code, message, param), **extra}, status)
+    return json_response({**error_body(status, code, message, param), **extra}, status, headers)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -151,8 +159,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     result = await turn.run()
     ids = {"message_id": result.message_id, "conversation_id": turn.record.conversation_id}
     if result.error is not None:
+        # chatbus's own retries and fallbacks (as the model's config says) have run: the SDKs'
+        # retries (they honour this header) would only start the failed turn again, as new turns.
         return error_response(
-            502, result.error.type, str(result.error), chatbus={**ids, "text": result.text}
+            502,
+            result.error.type,
+            str(result.error),
+            headers=NO_SDK_RETRY,
+            chatbus={**ids, "text": result.text},
         )
     return json_response(
         {
