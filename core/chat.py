@@ -121,7 +121,8 @@ class ChatService:
         turn.call = ModelCall(messages, request.temperature, request.max_tokens)
         with store_available():
             await self.store.add_message(record)
-        await self.publish(ChatStarted(**turn.ids, model=model, history_turns=len(history) // 2))
+        turns = sum(message["role"] != "system" for message in history) // 2
+        await self.publish(ChatStarted(**turn.ids, model=model, history_turns=turns))
         return turn
 
     async def feedback(self, request: FeedbackRequest, caller: Caller) -> None:
@@ -242,13 +243,13 @@ class ChatService:
         task.add_done_callback(self._background.discard)
 
     async def _history(self, request: ChatRequest, tenant: str) -> list[Message]:
-        if isinstance(request.history, list) and request.history:
-            return [item.model_dump() for item in request.history]
+        """The client's history list, then the stored turns it asks for (see turns_to_read)."""
+        given = request.history if isinstance(request.history, list) else []
+        messages: list[Message] = [item.model_dump() for item in given]
         limit = min(request.turns_to_read(), self.config.max_history_turns)
         if limit == 0:
-            return []
+            return messages
         turns = await self.store.recent_turns(tenant, request.conversation_id, limit)
-        messages: list[Message] = []
         for turn in turns:
             messages.append({"role": "user", "content": turn.query})
             messages.append({"role": "assistant", "content": turn.response})

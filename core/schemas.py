@@ -55,12 +55,15 @@ class ChatRequest(BaseModel):
         return max_tokens if max_tokens is not None and max_tokens > 0 else None
 
     def turns_to_read(self) -> int:
-        """How many past turns to read from the store (0 when the history is given)."""
-        if isinstance(self.history, list):
-            if self.history or not self.conversation_id:
-                return 0
-            return max(self.history_len, 0)
-        return max(self.history, 0) if self.conversation_id else 0
+        """How many past turns to read from the store: none when the history is given.
+        System messages alone are instructions, not history: the stored turns follow them."""
+        if not self.conversation_id:
+            return 0
+        if isinstance(self.history, int):
+            return max(self.history, 0)
+        if any(message.role != "system" for message in self.history):
+            return 0
+        return max(self.history_len, 0)
 
 
 class FeedbackRequest(BaseModel):

@@ -153,11 +153,43 @@ async def test_an_explicit_history_list_wins_over_the_store(
     chatbus: Chatbus, upstream: FakeUpstream
 ) -> None:
     await ask_three(chatbus)
-    given = [{"role": "system", "content": "be terse"}]
+    given = [
+        {"role": "system", "content": "be terse"},
+        {"role": "user", "content": "mine"},
+        {"role": "assistant", "content": "yours"},
+    ]
     await chatbus.chat(
         query="now", model_name="fake", conversation_id="conv", history_len=5, history=given
     )
     assert upstream.received[-1].body["messages"] == [*given, {"role": "user", "content": "now"}]
+    started = chatbus.events.of("chat_started")[-1]
+    assert started.history_turns == 1  # type: ignore[attr-defined]
+
+
+async def test_system_messages_alone_are_instructions_before_the_stored_turns(
+    chatbus: Chatbus, upstream: FakeUpstream
+) -> None:
+    await ask_three(chatbus)
+    given = [{"role": "system", "content": "be terse"}, {"role": "system", "content": "in French"}]
+    await chatbus.chat(
+        query="now", model_name="fake", conversation_id="conv", history_len=2, history=given
+    )
+    assert upstream.received[-1].body["messages"] == [
+        *given,
+        {"role": "user", "content": "second"},
+        {"role": "assistant", "content": "second"},
+        {"role": "user", "content": "third"},
+        {"role": "assistant", "content": "third"},
+        {"role": "user", "content": "now"},
+    ]
+    started = chatbus.events.of("chat_started")[-1]
+    assert started.history_turns == 2  # type: ignore[attr-defined]
+    # Without a number of turns to read, they are the whole history.
+    await chatbus.chat(query="again", model_name="fake", conversation_id="conv", history=given)
+    assert upstream.received[-1].body["messages"] == [
+        *given,
+        {"role": "user", "content": "again"},
+    ]
 
 
 async def test_turns_without_an_answer_are_skipped(

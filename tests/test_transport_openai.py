@@ -132,7 +132,7 @@ async def test_stored_history_with_extra_body(client: AsyncOpenAI, upstream: Fak
             model="echo", messages=[{"role": "user", "content": query}], extra_body=extra
         )
         assert (answer.model_extra or {})["chatbus"]["conversation_id"] == "c1"
-    await client.chat.completions.create(model="fake", messages=[USER], extra_body=extra)
+    answer = await client.chat.completions.create(model="fake", messages=[USER], extra_body=extra)
     assert upstream.received[-1].body["messages"] == [
         {"role": "user", "content": "first"},
         {"role": "assistant", "content": "first"},
@@ -140,10 +140,18 @@ async def test_stored_history_with_extra_body(client: AsyncOpenAI, upstream: Fak
         {"role": "assistant", "content": "second"},
         USER,
     ]
-    # Earlier messages are the history: the stored one is not read.
+    # A system (or developer) message is an instruction: the stored turns follow it.
+    last_turn = [USER, {"role": "assistant", "content": answer.choices[0].message.content}]
     system = {"role": "system", "content": "S"}
-    await client.chat.completions.create(model="fake", messages=[system, USER], extra_body=extra)
-    assert upstream.received[-1].body["messages"] == [system, USER]
+    for first in (system, {"role": "developer", "content": "S"}):
+        await client.chat.completions.create(
+            model="fake", messages=[first, USER], extra_body={**extra, "history_len": 1}
+        )
+        assert upstream.received[-1].body["messages"] == [system, *last_turn, USER]
+    # Earlier user or assistant messages are the history: the stored turns are not read.
+    mine = [system, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    await client.chat.completions.create(model="fake", messages=[*mine, USER], extra_body=extra)
+    assert upstream.received[-1].body["messages"] == [*mine, USER]
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,9 @@
 so every OpenAI SDK is a chatbus client. The same chat service runs underneath (history,
 events, webhooks); chatbus's own fields ride as extra body fields.
 
-The last message is the query; the ones before it are the history, used as is. With the
-query alone, `conversation_id` and `history_len` read stored history, as on `/chat/chat`.
+The last message is the query; the ones before it are the history, used as is. When none
+of them is a user's or an assistant's (system messages are instructions), `conversation_id`
+and `history_len` read stored turns after them, as on `/chat/chat`.
 Errors have OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`, where `code`
 is chatbus's error type.
 """
