@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -23,10 +24,17 @@ class ApiError(Exception):
     """An error the client caused or must know about, answered as JSON."""
 
     def __init__(
-        self, status: int, type: str, message: str, field: str | None = None, **extra: Any
+        self,
+        status: int,
+        type: str,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
     ) -> None:
         super().__init__(message)
         self.status, self.type, self.message, self.field = status, type, message, field
+        self.headers = headers
         self.extra = extra
 
     def body(self) -> dict[str, Any]:
@@ -34,6 +42,22 @@ class ApiError(Exception):
         if self.field is not None:
             error["field"] = self.field
         return {"error": error, **self.extra}
+
+
+# How an error is answered: chatbus's own shape, unless a transport with a wire format of its
+# own claimed the path's prefix (`answer_errors_as`), so that its clients read every error,
+# the ones raised before its handler runs (a missing API key, an unknown path) included.
+ErrorShape = Callable[[ApiError], web.Response]
+ERROR_SHAPES = web.AppKey("error_shapes", dict[str, ErrorShape])
+
+
+def answer_errors_as(app: web.Application, prefix: str, shape: ErrorShape) -> None:
+    """Answer the errors of every path under `prefix` (e.g. "/v1/") with `shape`."""
+    app.setdefault(ERROR_SHAPES, {})[prefix] = shape
+
+
+def chatbus_error(error: ApiError) -> web.Response:
+    return json_response(error.body(), error.status, error.headers)
 
 
 def json_response(
@@ -79,30 +103,30 @@ async def _answer(request: web.Request, handler: Any, request_id: str) -> web.St
     try:
         return await handler(request)
     except ApiError as exc:
-        return json_response(exc.body(), exc.status)
+        error = exc
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _http_error(exc)
+        kind = exc.reason.lower().replace(" ", "_")
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        error = ApiError(exc.status, kind, exc.reason, headers=allow)
     except Exception:
         log.exception("unhandled error", path=request.path)
-        error = {"type": "internal_error", "message": f"internal error; request id {request_id}"}
-        return json_response({"error": error}, 500)
+        error = ApiError(500, "internal_error", f"internal error; request id {request_id}")
+    return _shape_for(request)(error)
+
+
+def _shape_for(request: web.Request) -> ErrorShape:
+    for prefix, shape in request.app.get(ERROR_SHAPES, {}).items():
+        if request.path.startswith(prefix):
+            return shape
+    return chatbus_error
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
     """`on_response_prepare`: every response, streamed ones too, names its request id."""
     if REQUEST_ID in request:
         response.headers["X-Request-Id"] = request[REQUEST_ID]
-
-
-def _http_error(exc: web.HTTPException) -> web.Response:
-    kind = exc.reason.lower().replace(" ", "_")
-    response = json_response({"error": {"type": kind, "message": exc.reason}}, exc.status)
-    for name in ("Allow",):
-        if name in exc.headers:
-            response.headers[name] = exc.headers[name]
-    return response
 
 
 async def read_body(request: web.Request, schema: type[M], **context: Any) -> M:

@@ -333,3 +333,35 @@ async def test_the_api_key_names_the_tenant(start_chatbus: StartChatbus) -> None
     async with AsyncOpenAI(base_url=url, api_key="wrong", max_retries=0) as client:
         with pytest.raises(openai.AuthenticationError):
             await client.chat.completions.create(model="echo", messages=[USER])
+        with pytest.raises(openai.AuthenticationError) as caught:
+            await client.models.list()
+    # Raised before the route's handler runs, yet in OpenAI's shape, as every /v1 error.
+    assert caught.value.body == {
+        "message": "a valid API key is required: Authorization: Bearer <key>",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "unauthorized",
+    }
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/v1/embeddings", 404, "not_found"),
+        ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
+    ],
+)
+async def test_errors_outside_the_routes_are_in_openai_s_shape(
+    chatbus: Chatbus, method: str, path: str, status: int, code: str
+) -> None:
+    async with chatbus.http.request(method, chatbus.url + path) as response:
+        assert response.status == status
+        body = await response.json()
+    assert body["error"]["code"] == code
+    assert body["error"]["type"] == "invalid_request_error"
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    if status == 405:
+        assert response.headers["Allow"] == "POST"
+    # chatbus's own routes keep chatbus's shape.
+    async with chatbus.http.get(chatbus.url + "/no-such-path") as response:
+        assert (await response.json()) == {"error": {"type": "not_found", "message": "Not Found"}}

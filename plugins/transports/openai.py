@@ -12,7 +12,6 @@ is chatbus's error type.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import orjson
@@ -27,12 +26,11 @@ from core.keys import CONFIG, SERVICE
 from core.routes import caller_of
 from core.schemas import ChatRequest
 from core.turn import ChatTurn, ClientDisconnected, TurnResult
-from core.web import ApiError, json_response, read_body
+from core.web import ApiError, answer_errors_as, json_response, read_body
 from plugins.transports.frames import FrameWriter
 
 SEPARATOR = b"\n\n"  # what OpenAI sends
 DONE = b"data: [DONE]" + SEPARATOR
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class CompletionMessage(BaseModel):
@@ -85,26 +83,16 @@ class CompletionRequest(BaseModel):
 
 @hookimpl
 def register_routes(app: web.Application, router: web.UrlDispatcher) -> None:
-    router.add_post("/v1/chat/completions", openai_errors(chat_completions))
-    router.add_get("/v1/models", openai_errors(list_models))
+    router.add_post("/v1/chat/completions", chat_completions)
+    router.add_get("/v1/models", list_models)
+    answer_errors_as(app, "/v1/", openai_error)
 
 
-def openai_errors(handler: Handler) -> Handler:
-    """Answer errors raised before a response began in OpenAI's shape."""
-
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ApiError as exc:
-            status = 400 if exc.status == 422 else exc.status  # OpenAI: every bad input is 400
-            return error_response(status, exc.type, exc.message, exc.field)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            kind = exc.reason.lower().replace(" ", "_")
-            return error_response(exc.status, kind, exc.reason)
-
-    return wrapped
+def openai_error(error: ApiError) -> web.Response:
+    """Every error under /v1/ before a response began, in OpenAI's shape: a missing key's 401
+    and an unknown path's 404 too."""
+    status = 400 if error.status == 422 else error.status  # OpenAI: every bad input is 400
+    return error_response(status, error.type, error.message, error.field, error.headers)
 
 
 NO_SDK_RETRY = {"x-should-retry": "false"}
