@@ -240,12 +240,12 @@ async def seq(args: argparse.Namespace, targets: list[Target]) -> dict[str, Any]
     timeout = aiohttp.ClientTimeout(total=args.timeout, sock_connect=5)
     n = len(targets)
     errors = [Errors() for _ in targets]
-    warmup_errors = Errors()
+    warmup_errors = [Errors() for _ in targets]
     rounds: list[list[float | None]] = []
     async with session() as s:
         for _ in range(args.warmup):
-            for target in targets:
-                await attempt(s, target, timeout, warmup_errors)
+            for target, its_errors in zip(targets, warmup_errors, strict=True):
+                await attempt(s, target, timeout, its_errors)
         for r in range(args.count):
             latencies: list[float | None] = [None] * n
             for i in ((r + k) % n for k in range(n)):
@@ -263,7 +263,7 @@ async def seq(args: argparse.Namespace, targets: list[Target]) -> dict[str, Any]
                 "latency_ms": summary([row[i] for row in rounds if row[i] is not None]),
                 "ratio_to_first": median(ratios) if i and ratios else None,
                 "errors": errors[i].json(),
-                "warmup_errors": warmup_errors.json(),
+                "warmup_errors": warmup_errors[i].json(),
             }
         )
     return {"paths": paths}

@@ -23,7 +23,8 @@ class FrameWriter:
     of 20 deltas costs 2 writes, not 20. Deltas that arrive apart are each written at once.
 
     A client that is gone becomes `ClientDisconnected` on the next `send`, which cancels the
-    turn; `end` writes what is held, then the transport's last bytes."""
+    turn; `end` writes what is held with the transport's last bytes; `close` drops what is
+    held when the turn ended otherwise (cancelled with its handler)."""
 
     def __init__(self, response: web.StreamResponse, head: bytes, tail: bytes) -> None:
         self._response = response
@@ -50,16 +51,22 @@ class FrameWriter:
         self._loop.call_soon(self._burst_over)  # runs once the task waits
         try:
             await self._response.write(frame)
-        except ConnectionResetError as exc:
+        except OSError as exc:  # reset, or timed out (TCP_USER_TIMEOUT): the client is gone
             raise ClientDisconnected from exc
 
     async def end(self, last: bytes = b"") -> None:
-        """The held frames, then `last` (the transport's closing frames). A client gone by
-        now is not an error: the turn's record already says how it ended."""
-        with contextlib.suppress(ConnectionResetError, ClientDisconnected):
+        """The held frames and `last` (the transport's closing frames), in one write. A client
+        gone by now is not an error: the turn's record already says how it ended."""
+        if last:
+            self._held.append(last)
+        with contextlib.suppress(ClientDisconnected):
             await self._flush()
-            if last:
-                await self._response.write(last)
+
+    def close(self) -> None:
+        """Drop what is held and stop writing it: the turn ended without `end`."""
+        self._take_held()
+        if self._flushing is not None:
+            self._flushing.cancel()
 
     def _burst_over(self) -> None:
         self._in_burst = False
@@ -83,7 +90,7 @@ class FrameWriter:
         elif self._held:
             try:
                 await self._response.write(self._take_held())
-            except ConnectionResetError as exc:
+            except OSError as exc:
                 raise ClientDisconnected from exc
         self._raise_if_failed()
 
@@ -96,6 +103,6 @@ class FrameWriter:
     def _raise_if_failed(self) -> None:
         if self._failed is None:
             return
-        if isinstance(self._failed, ConnectionResetError):
+        if isinstance(self._failed, OSError):
             raise ClientDisconnected from self._failed
         raise self._failed

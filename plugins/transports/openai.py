@@ -239,9 +239,11 @@ async def stream(
             await response.write(frame({**chunk, "choices": [{**opening, "finish_reason": None}]}))
         try:
             result = await turn.run(frames.send)
+            await frames.end(await closing(service, turn, result, chunk, include_usage))
         except ClientDisconnected:
-            return response  # the turn is recorded as cancelled
-        await frames.end(await closing(service, turn, result, chunk, include_usage))
+            pass  # the turn is recorded as cancelled
+        finally:
+            frames.close()
     return response
 
 

@@ -55,11 +55,17 @@ async def chat(request: web.Request) -> web.StreamResponse:
     async with response:
         try:
             result = await turn.run(frames.send)
+            await frames.end(_error_frame(result))
         except ClientDisconnected:
-            return response  # the turn is recorded as cancelled
-        last = b"" if result.error is None else b"data: " + orjson.dumps(_error(result)) + SEPARATOR
-        await frames.end(last)
+            pass  # the turn is recorded as cancelled
+        finally:
+            frames.close()
     return response
+
+
+def _error_frame(result: TurnResult) -> bytes:
+    """The last frame of a stream that failed after it began; nothing if it did not fail."""
+    return b"" if result.error is None else b"data: " + orjson.dumps(_error(result)) + SEPARATOR
 
 
 def _error(result: TurnResult) -> dict[str, Any]:
