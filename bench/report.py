@@ -265,14 +265,15 @@ def _litellm_notes(r: dict[str, Any]) -> list[str]:
     floor, chatbus = r["paths"][LITELLM_DIRECT], r["paths"][CHATBUS_LITELLM]
     like = r["paths"][LITELLM_AT_USAGE]
     return [
-        '- litellm rows: the floor calls `litellm.acompletion(model="openai/fake-model",'
-        " stream=True)` in the load process against the same fast upstream, with the request"
-        " chatbus's litellm model sends, and reads the stream to its end (run on uvloop with"
-        " chatbus's GC settings, as chatbus runs litellm); `added p50` and `vs floor` of"
-        " `chatbus litellm` are against it. chatbus stops reading at litellm's usage chunk when"
-        " no litellm success callback is configured, which skips litellm's second assembly of"
-        " the answer and its success logging: the row `read to the usage` does the same"
-        " in-process, so chatbus's own cost is the gap between that row and chatbus's. A"
+        '- litellm rows: the floor calls `litellm.acompletion(model="openai/fake-model", '
+        "stream=True)` in the load process against the same fast upstream, with the request "
+        "chatbus's litellm model sends, and reads the stream to its end (run on uvloop with "
+        "chatbus's GC settings, as chatbus runs litellm; the sequential rounds' client of "
+        "chatbus runs in that process too, and pays its collections); `added p50` and `vs "
+        "floor` of `chatbus litellm` are against it. chatbus stops reading at litellm's usage"
+        " chunk when no litellm success callback is configured, which skips litellm's second "
+        "assembly of the answer and its success logging: the row `read to the usage` does the"
+        " same in-process, so chatbus's own cost is the gap between that row and chatbus's. A"
         " chatbus of its own serves the litellm model, started after the runs above; counts:"
         f" sequential {c['lite_seq_count']} rounds of the three in turns after"
         f" {c['lite_seq_warmup']} warm-up, rate"
