@@ -143,6 +143,30 @@ class Bench:
         out = self._load("seq", list(routes.values()), tokens, count, warmup=warmup, cap=cap)
         return dict(zip(routes, out["paths"], strict=True))
 
+    def rate(
+        self, kind: str, url: str, count: int, chatbus_pid: int, upstream_pid: int, rss: bool
+    ) -> dict[str, Any]:
+        """A rate run with chatbus's and the upstream's CPU sampled meanwhile: the run, the
+        cores busy, the CPU an answer took in each process (and chatbus's peak RSS if `rss`)."""
+        pids = {"chatbus": chatbus_pid, "upstream": upstream_pid}
+        with Sampler(chatbus_pid, pids) as sampler:
+            rate = self.load(
+                "rate", kind, url, self.counts.tokens, count, concurrency=self.counts.concurrency
+            )
+        window = rate["window_wall"]
+        cores = sampler.cores(*window)
+        per_chat = {
+            name: busy * 1000 / max(rate["chats_per_s"], 1e-9) for name, busy in cores.items()
+        }
+        result = {
+            "rate": rate,
+            "cpu_cores": cores,
+            "cpu_ms_per_chat": {**per_chat, "client": rate["client_cpu_s"] * 1000 / count},
+        }
+        if rss:
+            result["rss_peak_kb"] = sampler.peak_rss(*window)
+        return result
+
     def _load(
         self, mode: str, routes: list[tuple[str, str]], tokens: int, count: int, **opts: Any
     ) -> Any:
@@ -207,18 +231,7 @@ def run(counts: Counts, procs: Procs, deadline: Deadline, tmp: Path) -> dict[str
     for key, run in bench.seq(fast_routes, c.seq_count, c.seq_warmup, cap=90.0).items():
         paths[key]["seq"] = run
     for key, ((kind, url), _) in routes.items():
-        pids = {"chatbus": proc.pid, "upstream": fast_pid}
-        with Sampler(proc.pid, pids) as sampler:
-            rate = bench.load("rate", kind, url, c.tokens, c.rate_count, concurrency=c.concurrency)
-        cores = sampler.cores(*rate["window_wall"])
-        paths[key]["rate"] = rate
-        paths[key]["cpu_cores"] = cores
-        paths[key]["cpu_ms_per_chat"] = {
-            **{name: busy * 1000 / max(rate["chats_per_s"], 1e-9) for name, busy in cores.items()},
-            "client": rate["client_cpu_s"] * 1000 / c.rate_count,
-        }
-        if key == CHATBUS:
-            paths[key]["rss_peak_kb"] = sampler.peak_rss(*rate["window_wall"])
+        paths[key].update(bench.rate(kind, url, c.rate_count, proc.pid, fast_pid, key == CHATBUS))
 
     slow: dict[str, dict[str, Any]] = {}
     stream_s = c.slow_tokens * c.slow_gap_ms / 1000
@@ -284,20 +297,9 @@ def litellm_paths(
     for key, run in bench.seq(routes, c.lite_seq_count, c.lite_seq_warmup, cap=150.0).items():
         paths[key]["seq"] = run
     for key, (kind, target) in routes.items():
-        pids = {"chatbus": proc.pid, "upstream": fast_pid}
-        with Sampler(proc.pid, pids) as sampler:
-            rate = bench.load(
-                "rate", kind, target, c.tokens, c.lite_rate_count, concurrency=c.concurrency
-            )
-        cores = sampler.cores(*rate["window_wall"])
-        paths[key]["rate"] = rate
-        paths[key]["cpu_cores"] = cores
-        paths[key]["cpu_ms_per_chat"] = {
-            **{name: busy * 1000 / max(rate["chats_per_s"], 1e-9) for name, busy in cores.items()},
-            "client": rate["client_cpu_s"] * 1000 / c.lite_rate_count,
-        }
-        if key == CHATBUS_LITELLM:
-            paths[key]["rss_peak_kb"] = sampler.peak_rss(*rate["window_wall"])
+        through_chatbus = key == CHATBUS_LITELLM
+        run = bench.rate(kind, target, c.lite_rate_count, proc.pid, fast_pid, through_chatbus)
+        paths[key].update(run)
     if proc.poll() is not None:
         raise BenchError(f"chatbus-litellm exited {proc.returncode} during the run")
     return paths, startup, rest

@@ -24,6 +24,7 @@ import itertools
 import math
 import os
 import resource
+import statistics
 import sys
 import time
 from collections import Counter
@@ -261,18 +262,12 @@ async def seq(args: argparse.Namespace, targets: list[Target]) -> dict[str, Any]
                 "count": args.count,
                 "warmup": args.warmup,
                 "latency_ms": summary([row[i] for row in rounds if row[i] is not None]),
-                "ratio_to_first": median(ratios) if i and ratios else None,
+                "ratio_to_first": statistics.median(ratios) if i and ratios else None,
                 "errors": errors[i].json(),
                 "warmup_errors": warmup_errors[i].json(),
             }
         )
     return {"paths": paths}
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 async def rate(args: argparse.Namespace, target: Target) -> dict[str, Any]:
