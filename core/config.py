@@ -12,7 +12,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -105,8 +105,36 @@ class EventsConfig(Section):
     timeout_seconds: float = Field(10.0, gt=0)
 
 
-class PluginsConfig(Section):
+class PluginsConfig(BaseModel):
+    """`modules`: extra plugin modules to load. Every `[plugins.<name>]` table is that
+    plugin's own settings: core keeps them as they are written, and the plugin validates
+    them (`plugin_settings`)."""
+
+    model_config = ConfigDict(extra="allow")
     modules: list[str] = []
+
+    @model_validator(mode="after")
+    def _tables_only(self) -> PluginsConfig:
+        for name, value in (self.model_extra or {}).items():
+            if not isinstance(value, dict):
+                raise ValueError(f"[plugins.{name}] must be a table of that plugin's settings")
+        return self
+
+    def settings(self, name: str) -> dict[str, Any]:
+        """The `[plugins.<name>]` table, empty when the file has none."""
+        return dict((self.model_extra or {}).get(name, {}))
+
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def plugin_settings(config: Config, name: str, schema: type[S]) -> S:
+    """A plugin's `[plugins.<name>]` table validated by its own `schema`; a problem is a
+    ConfigError naming the key."""
+    try:
+        return schema.model_validate(config.plugins.settings(name))
+    except ValidationError as exc:
+        raise ConfigError(first_problem(exc, f"plugins.{name}")) from None
 
 
 class Config(Section):

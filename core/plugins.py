@@ -21,7 +21,7 @@ BUILTIN_PLUGINS = (
     "plugins.providers.echo",
     "plugins.providers.litellm",
     "plugins.providers.openai_compat",
-    "plugins.transports.sse",
+    "plugins.transports.chatchat",
     "plugins.transports.openai",
     "plugins.transports.webhook",
 )

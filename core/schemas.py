@@ -2,22 +2,49 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+# chatchat's own names for the two sides of a conversation (its `History`, langchain's roles)
+ROLE_ALIASES = {"human": "user", "ai": "assistant"}
 
 
 class HistoryMessage(BaseModel):
+    """One past message: `{"role", "content"}`, or chatchat's `[role, content]` pair
+    (`History.from_data`); `human` and `ai` are chatchat's names for user and assistant."""
+
     model_config = ConfigDict(extra="ignore")
     role: Literal["user", "assistant", "system"]
     content: str
 
+    @model_validator(mode="before")
+    @classmethod
+    def _chatchat_forms(cls, data: Any) -> Any:
+        if isinstance(data, list | tuple) and len(data) >= 2:
+            data = {"role": data[0], "content": data[1]}
+        if isinstance(data, dict) and isinstance(data.get("role"), str):
+            data = {**data, "role": ROLE_ALIASES.get(data["role"], data["role"])}
+        return data
 
-class ChatRequest(BaseModel):
-    """chatchat 0.2.x `/chat/chat` body; unknown keys are ignored, as chatchat clients
-    send keys of later versions."""
+
+class ChatchatBody(BaseModel):
+    """A chatchat request body: unknown keys are ignored (clients of later versions send
+    more), and null means the field's default, as chatchat's server reads it (its clients
+    send null for every field they leave unset)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+
+class ChatRequest(ChatchatBody):
+    """chatchat 0.2.x `/chat/chat` body."""
 
     query: str
     conversation_id: str = Field("", max_length=128)
@@ -66,9 +93,7 @@ class ChatRequest(BaseModel):
         return max(self.history_len, 0)
 
 
-class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
+class FeedbackRequest(ChatchatBody):
     message_id: str = Field(min_length=1, max_length=64)
     score: int = Field(ge=0, le=100)
     reason: str = Field("", max_length=10_000)

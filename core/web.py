@@ -38,10 +38,12 @@ class ApiError(Exception):
         self.extra = extra
 
     def body(self) -> dict[str, Any]:
+        """chatbus's `error` object, beside chatchat's `code` (the HTTP status) and `msg`,
+        which chatchat's webui reads (`check_error_msg`)."""
         error: dict[str, Any] = {"type": self.type, "message": self.message}
         if self.field is not None:
             error["field"] = self.field
-        return {"error": error, **self.extra}
+        return {"error": error, "code": self.status, "msg": self.message, **self.extra}
 
 
 # How an error is answered: chatbus's own shape, unless a transport with a wire format of its
@@ -133,7 +135,7 @@ async def read_body(request: web.Request, schema: type[M], **context: Any) -> M:
     """Parse and validate a JSON body; any problem is a 4xx naming the field."""
     raw = await request.read()
     try:
-        data = orjson.loads(raw)
+        data = orjson.loads(raw) if raw.strip() else {}  # no body: every field's default
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):

@@ -78,6 +78,9 @@ class Behaviour:
     """Report usage (streaming: only if the request asks ``stream_options.include_usage``)."""
     echo: bool = False
     """Stream back the last user message, split into word-sized pieces."""
+    one_write: bool = False
+    """Streaming: send every frame, [DONE] included, in one write (a burst, as a fast
+    server's deltas queued behind a stall arrive)."""
 
 
 @dataclass
@@ -330,6 +333,12 @@ class FakeUpstream:
         try:
             await resp.prepare(request)
             write = resp.write
+            if b.one_write:
+                burst: list[bytes] = []
+
+                async def write(data: bytes) -> None:
+                    burst.append(data)
+
             if n == 0:
                 await write(first_prefix + b'""' + _PIECE_SUFFIX)
             for i in range(n + 1):
@@ -354,6 +363,8 @@ class FakeUpstream:
                 tail = dict(head, choices=[], usage=_usage(body, n))
                 await write(b"data: " + dumps(tail) + b"\n\n")
             await write(_DONE)
+            if b.one_write:
+                await resp.write(b"".join(burst))
             await resp.write_eof()
         except ConnectionError:
             self._client_gone()

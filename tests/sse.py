@@ -1,5 +1,5 @@
-"""Two real readers of chatbus's stream: a spec-minded SSE parser, and a replica of
-chatchat 0.2.x's own client (webui_pages/utils.py) fed the chunks as they arrive."""
+"""A real reader of chatbus's stream: a spec-minded SSE parser. chatchat's own client is in
+tests/chatchat_client.py."""
 
 from __future__ import annotations
 
@@ -45,27 +45,3 @@ async def read_sse(response: aiohttp.ClientResponse) -> Stream:
             stream.other_lines.append(line)
     assert not data, "the stream ended inside an event"
     return stream
-
-
-async def chatchat_client(response: aiohttp.ClientResponse) -> list[dict[str, Any]]:
-    """What chatchat's `_httpx_stream2generator` makes of the body, chunk by chunk."""
-    results, cache = [], ""
-    async for raw in response.content.iter_any():
-        chunk = raw.decode()
-        if not chunk:
-            continue
-        try:
-            if chunk.startswith("data: "):
-                data = json.loads(cache + chunk[6:-2])
-            elif chunk.startswith(":"):
-                continue
-            else:
-                data = json.loads(cache + chunk)
-            cache = ""
-            results.append(data)
-        except Exception:
-            if chunk.startswith("data: "):
-                cache += chunk[6:-2]
-            elif not chunk.startswith(":"):
-                cache += chunk
-    return results

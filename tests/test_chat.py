@@ -247,7 +247,7 @@ BAD_BODIES = [
     ({"query": "x", "history_len": "many"}, "history_len"),
     ({"query": "x", "max_tokens": "lots"}, "max_tokens"),
     ({"query": "x", "model_name": 3}, "model_name"),
-    ({"query": "x", "prompt_name": None}, "prompt_name"),
+    ({"query": "x", "prompt_name": 7}, "prompt_name"),
     ({"query": "x", "conversation_id": ["a"]}, "conversation_id"),
 ]
 
@@ -272,7 +272,7 @@ async def test_bad_input_is_a_4xx_naming_the_field(
     ("raw", "status", "kind"),
     [
         (b"{not json", 400, "invalid_json"),
-        (b"", 400, "invalid_json"),
+        (b"", 422, "validation_error"),  # no body: every field's default, and query has none
         (b"[1, 2]", 422, "validation_error"),
         (b'"text"', 422, "validation_error"),
     ],

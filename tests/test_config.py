@@ -158,8 +158,20 @@ def test_the_repository_config_loads() -> None:
     assert config.server.port == 7861
     assert config.history.backend == "sqlite"
     assert config.history.options() == {"path": "chatbus.db"}
-    assert set(config.prompts) == {"default", "py"}
+    # chatchat's llm_chat names, which its webui offers
+    assert set(config.prompts) == {"default", "with_history", "py"}
     assert config.prompts["default"] == "{{ input }}"
+    assert config.prompts["with_history"].endswith("{{ input }}")
+    assert config.plugins.settings("chatchat") == {"frames": "sse"}
+
+
+def test_plugin_tables_are_handed_over_as_written(tmp_path: Path) -> None:
+    file = write(tmp_path / "c.toml", "[plugins.mine]\nanything = [1, 2]\n")
+    config = load_config(file, {"CHATBUS_PLUGINS__MINE__OTHER": "x"})
+    assert config.plugins.settings("mine") == {"anything": [1, 2], "other": "x"}
+    assert config.plugins.settings("absent") == {}
+    with pytest.raises(ConfigError, match=r"\[plugins\.mine\] must be a table"):
+        load_config(write(tmp_path / "bad.toml", "[plugins]\nmine = 3\n"), {})
 
 
 # Environment overrides

@@ -1,4 +1,4 @@
-"""FrameWriter on a real aiohttp server on loopback, read by a real client: every frame
+"""The frame writers on a real aiohttp server on loopback, read by a real client: every frame
 arrives, in order, a slow client included; a burst leaves in two writes; a first frame and a
 lone frame are never held; a client that left becomes ClientDisconnected, and `end` after
 it is quiet; a cancelled handler leaves no write behind."""
@@ -15,7 +15,7 @@ import pytest
 from aiohttp import ClientConnectionResetError, web
 
 from core.turn import ClientDisconnected
-from plugins.transports.frames import HELD_LIMIT, FrameWriter
+from plugins.transports.frames import HELD_LIMIT, BurstWriter, FrameWriter
 
 HEAD, TAIL = b'data: {"text":', b"}\n\n"
 LAST = b"data: {}\n\n"
@@ -46,7 +46,7 @@ class CountingResponse(web.StreamResponse):
 
 
 class Server:
-    """One route whose handler runs `script` with a FrameWriter and ends the response, as
+    """One route whose handler runs `script` with a BurstWriter and ends the response, as
     the transports do (`end`, then `close` whatever happened)."""
 
     def __init__(self) -> None:
@@ -58,13 +58,14 @@ class Server:
         self.seen: asyncio.Queue[str] = asyncio.Queue()  # texts the client has read
         self.outcome: asyncio.Future[BaseException | None] = asyncio.Future()
         self.url = ""
+        self.writer: type[FrameWriter] = BurstWriter
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.request = request
         self.task = asyncio.current_task()
         self.response = response = CountingResponse(self.resets)
         await response.prepare(request)
-        frames = FrameWriter(response, HEAD, TAIL)
+        frames = self.writer(response, HEAD, TAIL)
         assert self.script is not None
         try:
             await self.script(frames, self)
@@ -108,6 +109,19 @@ async def read_all(server: Server, script: Script, pause: float = 0.0) -> list[s
                     texts.append(frame["text"])
                     server.seen.put_nowait(frame["text"])
     return texts
+
+
+async def test_a_frame_writer_writes_every_frame_of_a_burst_on_its_own(server: Server) -> None:
+    server.writer = FrameWriter
+
+    async def burst(frames: FrameWriter, _: Server) -> None:
+        for i in range(20):
+            await frames.send(f"t{i} ")  # no wait between: deltas parsed from one read
+
+    texts = await read_all(server, burst)
+    assert texts == [f"t{i} " for i in range(20)]
+    assert server.response is not None
+    assert server.response.writes == [HEAD + f'"t{i} "'.encode() + TAIL for i in range(20)] + [LAST]
 
 
 async def test_a_burst_arrives_whole_and_in_order_in_two_writes(server: Server) -> None:

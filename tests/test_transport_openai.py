@@ -364,4 +364,8 @@ async def test_errors_outside_the_routes_are_in_openai_s_shape(
         assert response.headers["Allow"] == "POST"
     # chatbus's own routes keep chatbus's shape.
     async with chatbus.http.get(chatbus.url + "/no-such-path") as response:
-        assert (await response.json()) == {"error": {"type": "not_found", "message": "Not Found"}}
+        assert (await response.json()) == {
+            "error": {"type": "not_found", "message": "Not Found"},
+            "code": 404,
+            "msg": "Not Found",
+        }

@@ -1,4 +1,10 @@
-"""What streaming transports share: a writer of one frame per delta, bursts in one write."""
+"""What streaming transports share: writers of one frame per delta.
+
+`FrameWriter` writes every frame as its own write (so its own HTTP chunk): chatchat's
+clients parse each chunk they read as exactly one frame, and lose text when two share one.
+`BurstWriter` joins a burst of frames into one write, for clients that parse the event
+stream properly (OpenAI's SDKs): fewer writes, fewer wake-ups of the client.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +16,54 @@ from aiohttp import web
 
 from core.turn import ClientDisconnected
 
-HELD_LIMIT = 64 * 1024  # bytes held at most: past it, a burst is written before it goes on
+HELD_LIMIT = 64 * 1024  # bytes a BurstWriter holds at most: past it, a burst is written
 
 
 class FrameWriter:
-    """Writes each delta as a frame: a pre-encoded `head`, the delta as a JSON string, `tail`.
-
-    The first frame of a burst is written at once, so the first token is never held. Frames
-    made after it, before the turn's task next waits (deltas parsed from one network read: a
-    provider hands them over one by one without waiting), are held and leave together in one
-    write as soon as the task waits. A write wakes the client and costs a system call: a burst
-    of 20 deltas costs 2 writes, not 20. Deltas that arrive apart are each written at once.
-
-    A client that is gone becomes `ClientDisconnected` on the next `send`, which cancels the
-    turn; `end` writes what is held with the transport's last bytes; `close` drops what is
-    held when the turn ended otherwise (cancelled with its handler)."""
+    """Writes each delta as one frame, one write each: a pre-encoded `head`, the delta as a
+    JSON string, `tail`. A client that is gone becomes `ClientDisconnected` on the next
+    `send`, which cancels the turn."""
 
     def __init__(self, response: web.StreamResponse, head: bytes, tail: bytes) -> None:
         self._response = response
         self._head = head
         self._tail = tail
+
+    async def send(self, text: str) -> None:
+        """The turn's `Send`: one delta."""
+        await self._write(self._head + orjson.dumps(text) + self._tail)
+
+    async def end(self, *last: bytes) -> None:
+        """The transport's closing frames, each its own write. A client gone by now is not an
+        error: the turn's record already says how it ended."""
+        with contextlib.suppress(ClientDisconnected):
+            for frame in last:
+                if frame:
+                    await self._write(frame)
+
+    def close(self) -> None:
+        """The turn ended without `end` (cancelled with its handler): nothing is held."""
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            await self._response.write(data)
+        except OSError as exc:  # reset, or timed out (TCP_USER_TIMEOUT): the client is gone
+            raise ClientDisconnected from exc
+
+
+class BurstWriter(FrameWriter):
+    """A FrameWriter that joins bursts: the first frame of a burst is written at once, so the
+    first token is never held. Frames made after it, before the turn's task next waits
+    (deltas parsed from one network read: a provider hands them over one by one without
+    waiting), are held and leave together in one write as soon as the task waits. A write
+    wakes the client and costs a system call: a burst of 20 deltas costs 2 writes, not 20.
+    Deltas that arrive apart are each written at once.
+
+    Only for clients that split the stream into events themselves: the frames of a burst
+    reach the client in one chunk."""
+
+    def __init__(self, response: web.StreamResponse, head: bytes, tail: bytes) -> None:
+        super().__init__(response, head, tail)
         self._loop = asyncio.get_running_loop()
         self._held: list[bytes] = []
         self._held_size = 0
@@ -38,7 +72,6 @@ class FrameWriter:
         self._failed: BaseException | None = None
 
     async def send(self, text: str) -> None:
-        """The turn's `Send`: one delta."""
         self._raise_if_failed()
         frame = self._head + orjson.dumps(text) + self._tail
         if self._in_burst or self._flushing is not None:
@@ -49,21 +82,16 @@ class FrameWriter:
             return
         self._in_burst = True
         self._loop.call_soon(self._burst_over)  # runs once the task waits
-        try:
-            await self._response.write(frame)
-        except OSError as exc:  # reset, or timed out (TCP_USER_TIMEOUT): the client is gone
-            raise ClientDisconnected from exc
+        await self._write(frame)
 
-    async def end(self, last: bytes = b"") -> None:
-        """The held frames and `last` (the transport's closing frames), in one write. A client
-        gone by now is not an error: the turn's record already says how it ended."""
-        if last:
-            self._held.append(last)
+    async def end(self, *last: bytes) -> None:
+        """The held frames and `last`, in one write."""
+        self._held.extend(frame for frame in last if frame)
         with contextlib.suppress(ClientDisconnected):
             await self._flush()
 
     def close(self) -> None:
-        """Drop what is held and stop writing it: the turn ended without `end`."""
+        """Drop what is held and stop writing it."""
         self._take_held()
         if self._flushing is not None:
             self._flushing.cancel()
@@ -88,10 +116,7 @@ class FrameWriter:
         if self._flushing is not None:
             await asyncio.shield(self._flushing)  # it takes what is held meanwhile too
         elif self._held:
-            try:
-                await self._response.write(self._take_held())
-            except OSError as exc:
-                raise ClientDisconnected from exc
+            await self._write(self._take_held())
         self._raise_if_failed()
 
     def _take_held(self) -> bytes:

@@ -27,7 +27,7 @@ from core.routes import caller_of
 from core.schemas import ChatRequest
 from core.turn import ChatTurn, ClientDisconnected, TurnResult
 from core.web import ApiError, answer_errors_as, json_response, read_body
-from plugins.transports.frames import FrameWriter
+from plugins.transports.frames import BurstWriter
 
 SEPARATOR = b"\n\n"  # what OpenAI sends
 DONE = b"data: [DONE]" + SEPARATOR
@@ -231,7 +231,7 @@ async def stream(
     # Every delta is the same chunk around its text: encode the rest once, splice it in.
     head = b"data: " + orjson.dumps(chunk)[:-1] + b',"choices":[{"index":0,"delta":{"content":'
     tail = b'},"finish_reason":null}]}' + SEPARATOR
-    frames = FrameWriter(response, head, tail)
+    frames = BurstWriter(response, head, tail)
 
     async with response:
         opening = {"index": 0, "delta": {"role": "assistant", "content": ""}}

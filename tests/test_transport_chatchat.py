@@ -1,4 +1,5 @@
-"""The chatchat wire format of /chat/chat (plugins/transports/sse.py), read by real clients."""
+"""The chatchat wire format of /chat/chat (plugins/transports/chatchat/chat.py), read by real
+clients: a spec-minded SSE reader, and chatchat's own client (tests/chatchat_client.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pytest
 from core.history import Status
 from tests.conftest import Chatbus, StartChatbus
 from tests.fake_upstream import FakeUpstream
-from tests.sse import chatchat_client
 
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -50,17 +50,6 @@ async def test_not_streamed_is_one_json_body(chatbus: Chatbus) -> None:
     assert set(body) == {"text", "message_id"}
     assert body["text"] == "whole answer"
     assert HEX_ID.match(body["message_id"])
-
-
-async def test_chatchats_own_client_reads_both_forms(start_chatbus: StartChatbus) -> None:
-    # A word every 20 ms, so each frame reaches the client as its own chunk, as on a network.
-    chatbus = await start_chatbus(models={"echo": {"provider": "echo", "delay": 0.02}})
-    for stream in (True, False):
-        body = {"query": "a b {{ c }}", "stream": stream}
-        async with chatbus.post("/chat/chat", body) as response:
-            results = await chatchat_client(response)
-        assert "".join(item["text"] for item in results) == "a b {{ c }}"
-        assert len({item["message_id"] for item in results}) == 1
 
 
 async def test_upstream_failure_before_streaming(chatbus: Chatbus, upstream: FakeUpstream) -> None:

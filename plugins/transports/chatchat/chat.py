@@ -1,0 +1,123 @@
+"""chatchat's `POST /chat/chat`: its frames exactly, streamed, or one JSON body.
+
+Frames (chatchat 0.2.9 and later, `frames = "sse"`): `data: {"text": "<delta>",
+"message_id": "<id>"}` and a blank line, no `event:` lines, `: ping` comments while the model
+is silent. chatchat 0.2.0 to 0.2.8 (`frames = "json"`): each frame is a bare JSON object,
+and there are no pings; every 0.2.x client reads that form too.
+
+Every frame is its own write, so its own HTTP chunk: chatchat's client parses each chunk it
+reads as exactly one frame (`json.loads(chunk[6:-2])`), and text is lost when two frames
+share one. An error after the stream began is one last frame with an `error` object and
+chatchat's `code` and `msg`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+from pydantic import BaseModel, ConfigDict
+
+from core.keys import CONFIG, SERVICE
+from core.routes import caller_of
+from core.schemas import ChatRequest
+from core.turn import ClientDisconnected, TurnResult
+from core.web import json_response, read_body
+from plugins.transports.frames import FrameWriter
+
+SEPARATOR = b"\r\n\r\n"  # what chatchat's own server (sse-starlette) sends
+FAILED_STATUS = 502  # an upstream failure: the status of an answer that is not streamed
+
+
+class ChatchatSettings(BaseModel):
+    """`[plugins.chatchat]`."""
+
+    model_config = ConfigDict(extra="forbid")
+    frames: Literal["sse", "json"] = "sse"  # "json": for chatchat 0.2.0 to 0.2.8 clients
+
+
+@dataclass(frozen=True, slots=True)
+class Framing:
+    """How one frame is wrapped on the wire."""
+
+    prefix: bytes
+    suffix: bytes
+    pings: bool
+
+    @classmethod
+    def of(cls, frames: str) -> Framing:
+        if frames == "json":
+            return cls(b"", b"", pings=False)
+        return cls(b"data: ", SEPARATOR, pings=True)
+
+    def frame(self, data: dict[str, Any]) -> bytes:
+        return self.prefix + orjson.dumps(data) + self.suffix
+
+    def response(self, keepalive_seconds: float) -> web.StreamResponse:
+        if self.pings:
+            return EventSourceResponse(allow_all_methods=True, ping_interval=keepalive_seconds)
+        return BareJsonStream()
+
+
+FRAMING = web.AppKey("chatchat_framing", Framing)
+
+
+class BareJsonStream(web.StreamResponse):
+    """chatchat 0.2.0 to 0.2.8's stream: JSON objects one after another, no pings."""
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+
+    async def __aenter__(self) -> BareJsonStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    body = await read_body(request, ChatRequest, max_query_chars=config.chat.max_query_chars)
+    service = request.app[SERVICE]
+    turn = await service.start(body, caller_of(request))
+    if body.callback_url is not None:  # async mode: the answer goes to the callback
+        service.spawn(turn.run())
+        return json_response({"message_id": turn.message_id, "status": "accepted"}, 202)
+    if not body.stream:
+        result = await turn.run()
+        if result.error is not None:
+            return json_response({**error_frame(result), "text": result.text}, FAILED_STATUS)
+        return json_response({"text": result.text, "message_id": result.message_id})
+
+    framing = request.app[FRAMING]
+    response = framing.response(config.chat.keepalive_seconds)
+    await response.prepare(request)
+    # The message id is the same in every frame: encode it once, splice each delta in.
+    head = framing.prefix + b'{"text":'
+    tail = b',"message_id":"' + turn.message_id.encode() + b'"}' + framing.suffix
+    frames = FrameWriter(response, head, tail)
+
+    async with response:
+        try:
+            result = await turn.run(frames.send)
+            if result.error is not None:
+                await frames.end(framing.frame(error_frame(result)))
+        except ClientDisconnected:
+            pass  # the turn is recorded as cancelled
+    return response
+
+
+def error_frame(result: TurnResult) -> dict[str, Any]:
+    """The last frame of a stream that failed: chatbus's `error`, chatchat's `code`/`msg`."""
+    assert result.error is not None
+    message = str(result.error)
+    return {
+        "text": "",
+        "message_id": result.message_id,
+        "error": {"type": result.error.type, "message": message},
+        "code": FAILED_STATUS,
+        "msg": message,
+    }
