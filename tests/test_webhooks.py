@@ -8,6 +8,7 @@ import base64
 import contextlib
 import math
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -315,6 +316,22 @@ def test_bad_webhook_config_is_one_line(tmp_path: Any) -> None:
     with pytest.raises(
         ConfigError, match=r"^webhooks\.0\.url: must start with http:// or https://$"
     ):
+        create_app(config)
+
+
+@pytest.mark.parametrize(
+    ("delivery", "problem"),
+    [
+        ({"poll_seconds": math.inf}, "poll_seconds: Input should be a finite number"),
+        ({"schedule": [5, math.nan]}, "schedule.1: Input should be a finite number"),
+        ({"schedule": [-1]}, "schedule.0: Input should be greater than or equal to 0"),
+    ],
+)
+def test_a_delay_the_loop_cannot_sleep_on_is_a_config_error(
+    tmp_path: Any, delivery: dict[str, Any], problem: str
+) -> None:
+    config = make_config(tmp_path, webhook_delivery=delivery)
+    with pytest.raises(ConfigError, match=rf"^webhook_delivery\.{re.escape(problem)}$"):
         create_app(config)
 
 
