@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from core.config import ConfigError, ModelConfig, first_problem
 from core.providers import ModelSpec, Provider, ProviderError, ProviderFactory, RateLimited
+from core.retry_after import retry_after_seconds
 
 MAX_RETRY_AFTER = 30.0  # seconds: an upstream's Retry-After longer than this is not waited for
 
@@ -41,12 +42,11 @@ class Route:
 
     def delay(self, attempt: int, error: ProviderError) -> float:
         """Seconds before retry `attempt` (1, 2, ...): exponential with jitter, or what the
-        upstream asked for with Retry-After when it is reasonable."""
-        if isinstance(error, RateLimited) and error.retry_after:
-            try:
-                return min(float(error.retry_after), MAX_RETRY_AFTER)
-            except ValueError:
-                pass  # an HTTP date: fall back to our own schedule
+        upstream asked for with a usable Retry-After (at most MAX_RETRY_AFTER)."""
+        if isinstance(error, RateLimited):
+            asked = retry_after_seconds(error.retry_after, MAX_RETRY_AFTER)
+            if asked is not None:
+                return asked
         return self.retry_backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
 
     def record(self, error: ProviderError | None) -> None:

@@ -180,4 +180,6 @@ def test_backoff_honours_a_reasonable_retry_after() -> None:
     error.retry_after = "3600"
     assert route().delay(1, error) == 30.0  # capped
     error.retry_after = "Wed, 21 Oct 2015 07:28:00 GMT"
-    assert 0.5 <= route().delay(1, error) <= 1.5  # a date: our own schedule
+    assert route().delay(1, error) == 0.0  # a date in the past: now
+    error.retry_after = "nan"
+    assert 0.5 <= route().delay(1, error) <= 1.5  # unusable: our own schedule

@@ -5,24 +5,35 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import math
 import os
-from collections.abc import AsyncIterator
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import orjson
 import pytest
 import structlog
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from standardwebhooks import Webhook
 
 from core.app import create_app
 from core.config import ConfigError
 from core.events import ChatCompleted
+from core.history import HistoryStore
 from core.hookspecs import hookimpl
-from core.outbox import DeliveryStatus
+from core.outbox import Delivery, DeliveryStatus
 from core.plugins import make_plugin_manager
 from core.server import start
+from plugins.history_sqlite.store import SqliteStore
+from plugins.transports.webhook import options
+from plugins.transports.webhook.deliverer import Deliverer
 from tests.conftest import Chatbus, StartChatbus, make_config
 
 SECRET = "whsec_" + base64.b64encode(b"chatbus-test-secret-0123456789ab").decode()
@@ -32,19 +43,36 @@ FAST = {"schedule": [0.05, 0.05, 0.05], "poll_seconds": 0.05, "timeout_seconds":
 
 @dataclass
 class Receiver:
-    """A webhook receiver: answers with `answers` in turn (then 200), after `delay`."""
+    """A webhook receiver: answers with `answers` in turn (then 200), after `delay`, and once
+    `gate` is open (30 s at most); a failure carries `retry_after` when it is set."""
 
     answers: list[int] = field(default_factory=list)
     delay: float = 0.0
+    retry_after: str | None = None
+    gate: asyncio.Event | None = None
     requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     url: str = ""
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    in_flight: int = 0
+    most_in_flight: int = 0
 
     async def handle(self, request: web.Request) -> web.Response:
         self.requests.append((dict(request.headers), await request.read()))
         self.arrived.set()
-        await asyncio.sleep(self.delay)
-        return web.Response(status=self.answers.pop(0) if self.answers else 200)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay)
+            if self.gate is not None:
+                async with asyncio.timeout(30):
+                    await self.gate.wait()
+        finally:
+            self.in_flight -= 1
+        status = self.answers.pop(0) if self.answers else 200
+        failed = status >= 300 and self.retry_after is not None
+        return web.Response(
+            status=status, headers={"Retry-After": self.retry_after} if failed else None
+        )
 
     def payloads(self) -> list[dict[str, Any]]:
         return [orjson.loads(body) for _, body in self.requests]
@@ -56,15 +84,24 @@ class Receiver:
                 await self.arrived.wait()
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    hook = Receiver()
+@contextlib.asynccontextmanager
+async def listening(hook: Receiver) -> AsyncIterator[Receiver]:
     app = web.Application()
     app.router.add_post("/hook", hook.handle)
     runner = await start(app, "127.0.0.1", 0, grace=0.1)
     hook.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
-    yield hook
-    await runner.cleanup()
+    try:
+        yield hook
+    finally:
+        if hook.gate is not None:
+            hook.gate.set()  # let held requests go, so the server stops at once
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with listening(Receiver()) as hook:
+        yield hook
 
 
 @pytest.fixture(autouse=True)
@@ -201,8 +238,6 @@ async def test_a_receiver_down_across_a_restart_gets_it_once_after(
 
 
 async def _pending_in(bus: Chatbus) -> list[Any]:
-    from plugins.history_sqlite.store import SqliteStore
-
     store = SqliteStore(bus.store.path)  # type: ignore[attr-defined]
     await store.open()
     try:
@@ -281,6 +316,22 @@ def test_bad_webhook_config_is_one_line(tmp_path: Any) -> None:
     with pytest.raises(
         ConfigError, match=r"^webhooks\.0\.url: must start with http:// or https://$"
     ):
+        create_app(config)
+
+
+@pytest.mark.parametrize(
+    ("delivery", "problem"),
+    [
+        ({"poll_seconds": math.inf}, "poll_seconds: Input should be a finite number"),
+        ({"schedule": [5, math.nan]}, "schedule.1: Input should be a finite number"),
+        ({"schedule": [-1]}, "schedule.0: Input should be greater than or equal to 0"),
+    ],
+)
+def test_a_delay_the_loop_cannot_sleep_on_is_a_config_error(
+    tmp_path: Any, delivery: dict[str, Any], problem: str
+) -> None:
+    config = make_config(tmp_path, webhook_delivery=delivery)
+    with pytest.raises(ConfigError, match=rf"^webhook_delivery\.{re.escape(problem)}$"):
         create_app(config)
 
 
@@ -403,3 +454,189 @@ async def test_deliveries_are_counted_and_secrets_never_logged(
     assert 'chatbus_webhook_deliveries_total{outcome="delivered"} 1.0' in text
     assert SECRET not in str(logs) and SECRET.removeprefix("whsec_") not in str(logs)
     assert any(entry["event"] == "webhook attempt" for entry in logs)
+
+
+# Retry-After from receivers, a loop that never dies, and no head-of-line blocking
+
+
+def delivery_to(url: str, due: float) -> Delivery:
+    """A delivery written straight to the outbox, as the chat service would."""
+    return Delivery(delivery_id=f"msg_{uuid.uuid4().hex}", url=url, event_type="chat.completed",
+                    payload='{"type": "chat.completed"}', secret_env="HOOK_SECRET",
+                    next_attempt_at=due, created_at=due)  # fmt: skip
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Poll `check` until it holds (10 s at most)."""
+    for _ in range(500):
+        if await check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{what}: not in 10 s")
+
+
+def delivered(store: HistoryStore, count: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return len(await store.deliveries(DeliveryStatus.DELIVERED, 1000)) >= count
+
+    return check
+
+
+@pytest.mark.parametrize(
+    "retry_after", ["nan", "inf", "-inf", "Sun, 06 Nov 1994 08:49:37 GMT", "soon"]
+)
+async def test_a_receivers_unusable_retry_after_leaves_its_schedule(
+    start_chatbus: StartChatbus, receiver: Receiver, retry_after: str
+) -> None:
+    receiver.answers, receiver.retry_after = [503], retry_after
+    chatbus = await start_chatbus(**webhooks(receiver))
+    await chatbus.chat(query="first")
+    first = await settled(chatbus, DeliveryStatus.DELIVERED)
+    assert first.attempts == 2 and math.isfinite(first.next_attempt_at)
+    await chatbus.chat(query="later")  # the loop goes on
+    await receiver.wait_for(3)
+    assert [p["data"]["query"] for p in receiver.payloads()] == ["first", "first", "later"]
+
+
+async def test_a_receivers_retry_after_is_capped(
+    start_chatbus: StartChatbus, receiver: Receiver
+) -> None:
+    receiver.answers, receiver.retry_after = [503, 429], "1" + "0" * 400
+    config = webhooks(receiver)
+    config["webhook_delivery"] = {**FAST, "max_retry_after_seconds": 0.05}
+    chatbus = await start_chatbus(**config)
+    await chatbus.chat(query="capped")
+    assert (await settled(chatbus, DeliveryStatus.DELIVERED)).attempts == 3
+
+
+async def test_a_receiver_is_waited_for_an_hour_at_most_by_default(
+    start_chatbus: StartChatbus, receiver: Receiver
+) -> None:
+    receiver.answers, receiver.retry_after = [503], "99999"
+    chatbus = await start_chatbus(**webhooks(receiver))
+    await chatbus.chat(query="later")
+
+    async def retrying() -> bool:
+        return any(d.attempts == 1 for d in await outbox(chatbus, DeliveryStatus.PENDING))
+
+    await until(retrying, "the first attempt recorded")
+    (pending,) = await outbox(chatbus, DeliveryStatus.PENDING)
+    assert 3500 < pending.next_attempt_at - time.time() <= 3600
+
+
+async def test_a_secret_that_cannot_sign_fails_its_delivery_not_the_loop(
+    start_chatbus: StartChatbus, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BROKEN_SECRET", "whsec_!!!")  # decodes to nothing: the signer raises
+    endpoints = [
+        {"url": receiver.url, "secret_env": "BROKEN_SECRET"},
+        {"url": receiver.url, "secret_env": "HOOK_SECRET"},
+    ]
+    chatbus = await start_chatbus(webhooks=endpoints, webhook_delivery=FAST)
+    await chatbus.chat(query="first")
+    dead = await settled(chatbus, DeliveryStatus.DEAD)
+    assert dead.attempts == 4 and dead.last_error.startswith("EmptyWebhookSecretError: ")
+    await chatbus.chat(query="later")
+    await receiver.wait_for(2)
+    assert [p["data"]["query"] for p in receiver.payloads()] == ["first", "later"]
+
+
+class SettleFailsOnce:
+    """A real store whose first `settle_delivery` raises, as a store bug would."""
+
+    def __init__(self, store: HistoryStore) -> None:
+        self.store = store
+        self.failed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def settle_delivery(self, delivery: Delivery) -> bool:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("a store bug")
+        return await self.store.settle_delivery(delivery)
+
+
+async def test_a_store_error_while_recording_does_not_end_the_loop(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    store = SqliteStore(str(tmp_path / "outbox.db"))
+    await store.open()
+    settings = options.Delivery.model_validate({**FAST, "lease_seconds": 0.5})
+    deliverer = Deliverer(cast(HistoryStore, SettleFailsOnce(store)), settings, CollectorRegistry())
+    first = delivery_to(receiver.url, time.time())
+    await store.add_deliveries([first])
+    await deliverer.start()
+    try:
+        await receiver.wait_for(1)  # sent, but not recorded: it stays leased
+        later = delivery_to(receiver.url, time.time())
+        await store.add_deliveries([later])
+        await until(delivered(store, 2), "both delivered")
+    finally:
+        await deliverer.stop()
+        await store.close()
+    ids = [headers["webhook-id"] for headers, _ in receiver.requests]
+    assert ids.count(later.delivery_id) == 1
+    assert ids.count(first.delivery_id) == 2  # sent again once its lease ran out
+
+
+async def test_a_slow_destination_does_not_hold_up_the_others(
+    start_chatbus: StartChatbus, receiver: Receiver
+) -> None:
+    async with listening(Receiver(gate=asyncio.Event())) as slow:
+        settings = {**FAST, "timeout_seconds": 30, "per_destination": 4}
+        chatbus = await start_chatbus(webhook_delivery=settings)
+        now = time.time()
+        backlog = [delivery_to(slow.url, now - 1) for _ in range(40)]  # due before the fast one
+        await chatbus.store.add_deliveries([*backlog, delivery_to(receiver.url, now)])
+        await receiver.wait_for(1)  # while the slow receiver holds every request it got
+        await until(delivered(chatbus.store, 1), "the fast one recorded")
+        await slow.wait_for(4)
+        assert slow.in_flight == 4
+        assert slow.gate is not None
+        slow.gate.set()
+        await until(delivered(chatbus.store, 41), "the backlog delivered")
+    assert slow.most_in_flight == 4 and len(slow.requests) == 40
+
+
+async def test_no_more_in_flight_than_the_concurrency(start_chatbus: StartChatbus) -> None:
+    async with (
+        listening(Receiver(gate=asyncio.Event())) as one,
+        listening(Receiver(gate=asyncio.Event())) as two,
+    ):
+        settings = {**FAST, "timeout_seconds": 30, "concurrency": 5, "per_destination": 4}
+        chatbus = await start_chatbus(webhook_delivery=settings)
+        now = time.time()
+        await chatbus.store.add_deliveries(
+            [delivery_to(hook.url, now) for hook in (one, two) for _ in range(6)]
+        )
+
+        async def five_held() -> bool:
+            return one.in_flight + two.in_flight == 5
+
+        await until(five_held, "five requests held")
+        await asyncio.sleep(0.3)  # room for a wrong deliverer to start more
+        assert one.in_flight + two.in_flight == 5
+        for hook in (one, two):
+            assert hook.gate is not None
+            hook.gate.set()
+        await until(delivered(chatbus.store, 12), "all delivered")
+    assert max(one.most_in_flight, two.most_in_flight) <= 4
+
+
+async def test_stop_leaves_attempts_in_flight_to_their_lease(start_chatbus: StartChatbus) -> None:
+    async with listening(Receiver(gate=asyncio.Event())) as held:
+        settings = {**FAST, "timeout_seconds": 30, "lease_seconds": 0.5}
+        first = await start_chatbus(webhook_delivery=settings)
+        sent = delivery_to(held.url, time.time())
+        await first.store.add_deliveries([sent])
+        await held.wait_for(1)
+        async with asyncio.timeout(5):
+            await first.close()  # does not wait for the answer
+        (left,) = await _pending_in(first)
+        assert (left.delivery_id, left.attempts) == (sent.delivery_id, 0)
+        assert held.gate is not None
+        held.gate.set()
+        second = await start_chatbus(webhook_delivery=settings)
+        await until(delivered(second.store, 1), "delivered by the next instance")

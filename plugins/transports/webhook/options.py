@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from core.config import Config, ConfigError, first_problem
@@ -34,14 +36,23 @@ class Endpoint(BaseModel):
 
 
 class Delivery(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # TOML has nan and inf: neither is a delay the loop can sleep on or the store can keep.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     timeout_seconds: float = Field(10.0, gt=0, description="for one attempt")
     # Seconds between attempts (then jittered); after the last, the delivery is dead.
-    schedule: list[float] = Field([5, 30, 120, 600, 1800, 7200], min_length=1)
+    schedule: list[Annotated[float, Field(ge=0)]] = Field(
+        [5, 30, 120, 600, 1800, 7200], min_length=1
+    )
     lease_seconds: float = Field(60.0, gt=0, description="a claim expires after this")
     poll_seconds: float = Field(1.0, gt=0, description="how often the outbox is read")
     concurrency: int = Field(32, gt=0, description="deliveries in flight at once")
+    per_destination: int = Field(
+        4, gt=0, description="deliveries in flight at once to one scheme://host:port"
+    )
+    max_retry_after_seconds: float = Field(
+        3600.0, ge=0, description="a receiver's Retry-After is waited for at most this long"
+    )
 
 
 def endpoints(config: Config) -> list[Endpoint]:
