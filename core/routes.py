@@ -13,7 +13,7 @@ from core.keys import SERVICE
 from core.schemas import FeedbackRequest
 from core.web import REQUEST_ID, TENANT, json_response, read_body
 
-READY_TIMEOUT = 2.0
+READY_TIMEOUT = 3.0  # above a store's own time to say it is down (MongoDB: 2 s)
 
 
 def add_routes(router: web.UrlDispatcher) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from core.keys import SERVICE
 from core.plugins import make_plugin_manager
 from core.server import start
 from tests.fake_upstream import FakeUpstream
+from tests.mongo_server import MongoDatabase, MongoServer, given_uri
 from tests.sse import Stream, read_sse
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -175,3 +177,32 @@ async def start_chatbus(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator
 @pytest.fixture
 async def chatbus(start_chatbus: StartChatbus) -> Chatbus:
     return await start_chatbus()
+
+
+@pytest.fixture(scope="session")
+def mongodb_server_uri() -> Iterator[str]:
+    """A MongoDB-compatible server for the whole run: CHATBUS_TEST_MONGODB_URI's, or a
+    SecantusDB process started here (tests/mongo_server.py)."""
+    given = given_uri()
+    if given is not None:
+        yield given
+        return
+    server = MongoServer().start()
+    try:
+        yield server.uri()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mongodb(mongodb_server_uri: str) -> Iterator[MongoDatabase]:
+    """A fresh database on that server, dropped afterwards."""
+    from pymongo import MongoClient
+
+    database = MongoDatabase(mongodb_server_uri, f"chatbus_test_{uuid.uuid4().hex[:12]}")
+    yield database
+    client: MongoClient[dict[str, object]] = MongoClient(mongodb_server_uri)
+    try:
+        client.drop_database(database.name)
+    finally:
+        client.close()

@@ -1,12 +1,10 @@
-"""The contract every history store fulfils, run against each: SQLite on a real file,
-MongoDB through mongomock-motor's client standing in for the driver, and a real MongoDB
-server when CHATBUS_TEST_MONGODB_URI names one (see README: Running the MongoDB suite)."""
+"""The contract every history store fulfils, run against each: SQLite on a real file, and
+MongoDB over TCP on a real MongoDB-compatible server (SecantusDB, started by the suite, or
+the server CHATBUS_TEST_MONGODB_URI names: see README, Running the MongoDB suite)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,17 +15,9 @@ from core.outbox import Delivery, DeliveryStatus
 from core.providers import Usage
 from plugins.history_mongo.store import MongoStore
 from plugins.history_sqlite.store import SqliteStore
+from tests.mongo_server import MongoDatabase
 
-MONGODB_URI = os.environ.get("CHATBUS_TEST_MONGODB_URI")
-
-
-STORES = ["sqlite", "mongo-fake", *(["mongo"] if MONGODB_URI else [])]
-
-
-def test_the_real_mongodb_suite() -> None:
-    """The contract below runs against a real MongoDB only when one is named."""
-    if not MONGODB_URI:
-        pytest.skip("CHATBUS_TEST_MONGODB_URI is not set: the contract ran on SQLite and the fake")
+STORES = ["sqlite", "mongo"]
 
 
 @pytest.fixture(params=STORES)
@@ -35,24 +25,18 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     opened: HistoryStore
     if request.param == "sqlite":
         opened = SqliteStore(str(tmp_path / "history.db"))
-    elif request.param == "mongo-fake":
-        from mongomock_motor import AsyncMongoMockClient
-
-        opened = MongoStore(AsyncMongoMockClient(), "chatbus_test")
     else:
         from pymongo import AsyncMongoClient
 
-        database = f"chatbus_test_{uuid.uuid4().hex[:8]}"
+        mongodb: MongoDatabase = request.getfixturevalue("mongodb")
         client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
-            MONGODB_URI, serverSelectionTimeoutMS=5000
+            mongodb.uri, serverSelectionTimeoutMS=5000
         )
-        opened = MongoStore(client, database)
+        opened = MongoStore(client, mongodb.name)
     await opened.open()
     try:
         yield opened
     finally:
-        if request.param == "mongo":
-            await opened._client.drop_database(opened._messages.database.name)  # type: ignore[attr-defined]
         await opened.close()
 
 

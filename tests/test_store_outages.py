@@ -11,13 +11,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import structlog
+from pymongo import MongoClient
 
 from core.history import MessageRecord, Outcome, Status, StoreUnavailable
 from core.hookspecs import hookimpl
 from core.outbox import Delivery
 from plugins.history_sqlite.store import SqliteStore
 from tests.conftest import Chatbus, StartChatbus
+from tests.mongo_server import MongoServer
 
 
 class FlakyStore(SqliteStore):
@@ -202,3 +205,40 @@ async def test_the_sweep_spares_recent_turns_when_instances_share_a_store(
     old = await chatbus.store.get_message("default", "old")
     assert live is not None and live.status is Status.STREAMING
     assert old is not None and old.status is Status.INTERRUPTED
+
+
+async def test_a_wrong_mongodb_password_is_an_unavailable_store(
+    start_chatbus: StartChatbus,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A real server that requires SCRAM: its user made first, then restarted with --auth.
+    server = MongoServer(tmp_path / "mongo-data").start()
+    try:
+        with MongoClient(server.uri()) as client:
+            roles = [{"role": "readWrite", "db": "chatbus"}]
+            client.admin.command("createUser", "chatbus", pwd="right-pw", roles=roles)
+    finally:
+        server.stop()
+    server.auth = True
+    server.start()
+    try:
+        monkeypatch.setenv("CHATBUS_TEST_MONGO_URI", server.uri("chatbus:wr0ng-pa55word"))
+        history = {"backend": "mongo", "mongo": {"uri_env": "CHATBUS_TEST_MONGO_URI"}}
+        chatbus = await start_chatbus(history=history)  # it starts: no traceback, no exit
+        status, body = await ready(chatbus)
+        assert status == 503
+        assert "authentication failed" in body["store"]
+        await assert_503_before_anything(chatbus)
+        await chatbus.close()
+        # The same server with the right password: the user really is there.
+        monkeypatch.setenv("CHATBUS_TEST_MONGO_URI", server.uri("chatbus:right-pw"))
+        chatbus = await start_chatbus(history=history)
+        assert (await ready(chatbus))[0] == 200
+        assert (await chatbus.chat_json(query="in"))[0] == 200
+    finally:
+        server.stop()
+    captured = capsys.readouterr()
+    assert "wr0ng-pa55word" not in captured.out + captured.err
+    assert "Traceback" not in captured.out + captured.err

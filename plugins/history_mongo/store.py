@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
-from pymongo.errors import ConnectionFailure, ExecutionTimeout, WTimeoutError
+from pymongo.errors import ConnectionFailure, ExecutionTimeout, OperationFailure, WTimeoutError
 
 from core.history import (
     READABLE,
@@ -29,6 +29,8 @@ from plugins.history_mongo.outbox import MongoOutbox
 
 log = structlog.get_logger("chatbus.history_mongo")
 UNREACHABLE = (ConnectionFailure, ExecutionTimeout, WTimeoutError)
+AUTHENTICATION_FAILED, UNAUTHORIZED = 18, 13  # MongoDB's error codes
+BAD_CREDENTIALS = "MongoDB authentication failed: check the user and password in the URI"
 FIELDS = (
     "conversation_id", "tenant", "chat_type", "query", "response", "status", "model",
     "latency", "error", "feedback_score", "feedback_reason", "meta", "created_at",
@@ -195,11 +197,24 @@ class MongoStore(MongoOutbox):
 
 @contextmanager
 def _reachable() -> Iterator[None]:
-    """Connection trouble becomes StoreUnavailable; other driver errors stay what they are."""
+    """Connection trouble, and credentials the server refuses, become StoreUnavailable (the
+    service keeps running, and /health/ready says why); other driver errors stay what they
+    are. No message of the driver's is passed on: the URI it was given holds the password."""
     try:
         yield
     except UNREACHABLE as exc:
+        # After a refused login, the driver reports the server as not found, with why.
+        if "AuthenticationFailed" in str(exc):
+            raise StoreUnavailable(BAD_CREDENTIALS) from None
         raise StoreUnavailable(f"MongoDB unreachable ({type(exc).__name__})") from None
+    except OperationFailure as exc:
+        if exc.code == AUTHENTICATION_FAILED:
+            raise StoreUnavailable(BAD_CREDENTIALS) from None
+        if exc.code == UNAUTHORIZED:
+            raise StoreUnavailable(
+                "MongoDB refused the operation: the user lacks the readWrite role on the database"
+            ) from None
+        raise
 
 
 def _usage(usage: Usage | None) -> dict[str, int | None] | None:
