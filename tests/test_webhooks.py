@@ -9,6 +9,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -288,8 +289,9 @@ def test_bad_webhook_config_is_one_line(tmp_path: Any) -> None:
 
 
 def async_mode(receiver: Receiver, **chat: Any) -> dict[str, Any]:
+    allowed = [urlsplit(receiver.url).netloc]  # 127.0.0.1:<port>: a bare host means port 80
     return {
-        "chat": {"callback_hosts": ["127.0.0.1"], "callback_secret_env": "HOOK_SECRET", **chat},
+        "chat": {"callback_hosts": allowed, "callback_secret_env": "HOOK_SECRET", **chat},
         "webhook_delivery": FAST,
     }
 
@@ -378,7 +380,7 @@ async def test_redirects_are_never_followed(
     redirector = await start(redirecting, "127.0.0.1", 0, grace=0.1)
     try:
         url = f"http://127.0.0.1:{redirector.addresses[0][1]}/hook"
-        chatbus = await start_chatbus(**async_mode(receiver))
+        chatbus = await start_chatbus(**async_mode(receiver, callback_hosts=[urlsplit(url).netloc]))
         status, _ = await chatbus.chat_json(query="x", callback_url=url)
         assert status == 202
         stopped = await settled(chatbus, DeliveryStatus.STOPPED)

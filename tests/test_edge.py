@@ -1,0 +1,248 @@
+"""core/edge.py: slow and idle clients, the connection cap, malformed requests; spoken to
+over raw sockets on loopback, since a well-behaved client cannot misbehave on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+import orjson
+import pytest
+import structlog
+
+from tests.conftest import Chatbus, StartChatbus
+
+BOUND = 10.0  # seconds: generous, for a loaded machine; what is waited on is the socket itself
+LIVE = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+PARTIAL = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
+KEY = "sk-test-0123456789abcdefSECRET"
+
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@asynccontextmanager
+async def connection(chatbus: Chatbus) -> AsyncIterator[Connection]:
+    parts = urlsplit(chatbus.url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+
+
+async def closed_without_answer(reader: asyncio.StreamReader) -> bool:
+    """Wait (BOUND at most) for the server to close; True when it sent nothing first."""
+    async with asyncio.timeout(BOUND):
+        return await reader.read() == b""
+
+
+async def response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """Read one response with a Content-Length body: (status, body)."""
+    async with asyncio.timeout(BOUND):
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        return status, await reader.readexactly(length)
+
+
+# Slow and idle clients
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["silent", "trickling"])
+async def test_headers_not_complete_in_time_close_the_connection(
+    start_chatbus: StartChatbus, trickle: bool
+) -> None:
+    chatbus = await start_chatbus(server={"header_timeout_seconds": 0.5})
+    async with connection(chatbus) as (reader, writer):
+        writer.write(PARTIAL)
+
+        async def drip() -> None:  # a byte now and then does not extend the deadline
+            while trickle:
+                await asyncio.sleep(0.1)
+                writer.write(b"x")
+
+        dripping = asyncio.create_task(drip())
+        try:
+            assert await closed_without_answer(reader)
+        finally:
+            dripping.cancel()
+
+
+async def test_a_connection_that_sends_nothing_is_closed(start_chatbus: StartChatbus) -> None:
+    chatbus = await start_chatbus(server={"header_timeout_seconds": 0.5})
+    async with connection(chatbus) as (reader, _):
+        assert await closed_without_answer(reader)
+
+
+async def test_keep_alive_waits_longer_than_headers_then_closes(
+    start_chatbus: StartChatbus,
+) -> None:
+    chatbus = await start_chatbus(
+        server={"header_timeout_seconds": 0.3, "keepalive_timeout_seconds": 1.5}
+    )
+    async with connection(chatbus) as (reader, writer):
+        writer.write(LIVE)
+        assert (await response(reader))[0] == 200
+        await asyncio.sleep(0.6)  # idle past the header timeout, within keep-alive
+        writer.write(LIVE)
+        assert (await response(reader))[0] == 200
+        started = time.monotonic()
+        assert await closed_without_answer(reader)  # idle past keep-alive
+        assert time.monotonic() - started >= 1.0
+
+
+async def test_the_next_request_on_a_kept_alive_connection_has_a_header_deadline(
+    start_chatbus: StartChatbus,
+) -> None:
+    chatbus = await start_chatbus(
+        server={"header_timeout_seconds": 0.5, "keepalive_timeout_seconds": 60}
+    )
+    async with connection(chatbus) as (reader, writer):
+        writer.write(LIVE)
+        assert (await response(reader))[0] == 200
+        writer.write(PARTIAL)
+        assert await closed_without_answer(reader)
+
+
+async def test_a_stream_outlives_every_timeout(start_chatbus: StartChatbus) -> None:
+    chatbus = await start_chatbus(
+        server={
+            "header_timeout_seconds": 0.2,
+            "body_timeout_seconds": 0.2,
+            "keepalive_timeout_seconds": 0.2,
+        },
+        models={"slow": {"provider": "echo", "delay": 0.25}},
+    )
+    stream = await chatbus.chat(query="one two three four five", model_name="slow")
+    assert stream.status == 200
+    assert stream.text == "one two three four five"
+    assert not any("error" in frame for frame in stream.frames)
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_a_408(
+    start_chatbus: StartChatbus,
+) -> None:
+    chatbus = await start_chatbus(server={"body_timeout_seconds": 0.5})
+    async with connection(chatbus) as (reader, writer):
+        writer.write(
+            b"POST /chat/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"query": "'
+        )
+        status, body = await response(reader)
+    assert status == 408
+    assert orjson.loads(body)["error"]["type"] == "request_timeout"
+    assert await chatbus.store.conversations("default", 10, 0) == []
+    assert chatbus.events.events == []
+
+
+# The connection cap
+
+
+async def test_past_the_cap_the_oldest_idle_connection_is_closed(
+    start_chatbus: StartChatbus,
+) -> None:
+    chatbus = await start_chatbus(server={"max_connections": 3})
+    async with (
+        connection(chatbus) as first,
+        connection(chatbus) as second,
+        connection(chatbus) as third,
+    ):
+        for reader, writer in (first, second, third):
+            writer.write(LIVE)  # answered: each is open and idle, `first` the longest
+            assert (await response(reader))[0] == 200
+        with structlog.testing.capture_logs() as logs:
+            async with connection(chatbus) as (reader, writer):
+                writer.write(LIVE)
+                assert (await response(reader))[0] == 200
+        assert await closed_without_answer(first[0])
+        second[1].write(LIVE)
+        assert (await response(second[0]))[0] == 200
+    (warning,) = [entry for entry in logs if entry["event"] == "connection limit reached"]
+    assert (warning["limit"], warning["log_level"]) == (3, "warning")
+
+
+async def test_past_the_cap_with_every_connection_busy_a_new_one_is_a_503(
+    start_chatbus: StartChatbus,
+) -> None:
+    chatbus = await start_chatbus(
+        server={"max_connections": 2},
+        models={"slow": {"provider": "echo", "delay": 0.2}},
+    )
+    slow = {"query": "a b c d e", "model_name": "slow", "stream": True}
+    streams = [chatbus.http.post(chatbus.url + "/chat/chat", json=slow) for _ in range(2)]
+    answers = [await stream.__aenter__() for stream in streams]  # both streaming now
+    try:
+        async with connection(chatbus) as (reader, writer):
+            writer.write(LIVE)
+            status, body = await response(reader)
+        assert status == 503
+        assert orjson.loads(body)["error"]["type"] == "too_many_connections"
+        for answer in answers:
+            assert b"e" in await answer.read()  # the busy ones were left alone
+    finally:
+        for stream in streams:
+            await stream.__aexit__(None, None, None)
+
+
+# Malformed requests
+
+
+def malformed_requests() -> list[bytes]:
+    return [
+        b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+        + KEY.encode()
+        + b"\x01\r\n\r\n",
+        b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+        + KEY.encode()
+        + b"A" * 9000
+        + b"\r\n\r\n",
+        b"GET /health/live HTTP/1.1\r\nX-Api-Key " + KEY.encode() + b"\r\n\r\n",
+    ]
+
+
+@pytest.mark.parametrize("raw", malformed_requests(), ids=["control-char", "too-long", "no-colon"])
+async def test_a_malformed_request_is_one_log_line_without_its_bytes(
+    chatbus: Chatbus, capfd: pytest.CaptureFixture[str], raw: bytes
+) -> None:
+    capfd.readouterr()
+    with structlog.testing.capture_logs() as logs:
+        async with connection(chatbus) as (reader, writer):
+            writer.write(raw)
+            status, body = await response(reader)
+            assert await closed_without_answer(reader)
+    printed = capfd.readouterr()
+    assert status == 400
+    error = orjson.loads(body)["error"]
+    assert error["type"] == "bad_request"
+    assert KEY not in body.decode()
+    (line,) = logs
+    assert line["event"] == "malformed request"
+    assert line["log_level"] == "warning"
+    assert KEY not in repr(logs)
+    assert KEY not in printed.out + printed.err  # nor from aiohttp's own logger
+    assert "Traceback" not in printed.err
+
+
+async def test_a_burst_of_malformed_requests_is_rate_limited(
+    chatbus: Chatbus, capfd: pytest.CaptureFixture[str]
+) -> None:
+    raw = malformed_requests()[0]
+    started = time.monotonic()
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(100):
+            async with connection(chatbus) as (reader, writer):
+                writer.write(raw)
+                assert (await response(reader))[0] == 400
+    elapsed = time.monotonic() - started
+    printed = capfd.readouterr()
+    lines = [entry for entry in logs if entry["event"] == "malformed request"]
+    assert 1 <= len(lines) <= 1 + int(elapsed)  # one a second at most
+    assert sum(line["suppressed"] for line in lines) + len(lines) <= 100
+    assert KEY not in printed.out + printed.err
