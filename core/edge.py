@@ -35,6 +35,8 @@ except ImportError:  # Windows: no file-descriptor limit to derive a cap from
     resource = None  # type: ignore[assignment]
 
 log = structlog.get_logger("chatbus.edge")
+REQUEST_TIMEOUT = 408
+CLIENT_ERRORS = (HttpProcessingError, web.RequestPayloadError)
 # File descriptors kept for what is not a client: the store, log files, the listener,
 # webhook deliveries.
 FD_RESERVE = 64
@@ -164,7 +166,11 @@ class EdgeRequestHandler(web.RequestHandler):
             return await super().finish_response(request, resp, start_time)
         finally:
             self._answered += 1
-            if self._is_idle:
+            if resp.status == REQUEST_TIMEOUT:
+                # Close at once (RFC 9110 15.5.9): aiohttp would linger, reading what is
+                # left of the body that did not arrive in time, for 10 s more.
+                self.force_close()
+            elif self._is_idle:
                 self._guard.idle(self)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -190,6 +196,14 @@ class EdgeRequestHandler(web.RequestHandler):
         )
         response.force_close()
         return response
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """A body that cannot be decoded, found while aiohttp discards what a route left
+        unread, is the client's doing: a malformed request, not a traceback."""
+        if isinstance(kw.get("exc_info"), CLIENT_ERRORS):
+            self._guard.log_malformed(problem=type(kw["exc_info"]).__name__, status=400)
+            return
+        super().log_exception(*args, **kw)
 
     def _start_header_deadline(self) -> None:
         self._header_deadline = self._loop.call_later(self._header_timeout, self._headers_late)

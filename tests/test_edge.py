@@ -136,6 +136,8 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408(
             b'Content-Length: 100\r\n\r\n{"query": "'
         )
         status, body = await response(reader)
+        async with asyncio.timeout(5):  # at once: not after aiohttp's 10 s of lingering
+            assert await reader.read() == b""
     assert status == 408
     assert orjson.loads(body)["error"]["type"] == "request_timeout"
     assert await chatbus.store.conversations("default", 10, 0) == []
@@ -209,7 +211,10 @@ def malformed_requests() -> list[bytes]:
 
 @pytest.mark.parametrize("raw", malformed_requests(), ids=["control-char", "too-long", "no-colon"])
 async def test_a_malformed_request_is_one_log_line_without_its_bytes(
-    chatbus: Chatbus, capfd: pytest.CaptureFixture[str], raw: bytes
+    chatbus: Chatbus,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    raw: bytes,
 ) -> None:
     capfd.readouterr()
     with structlog.testing.capture_logs() as logs:
@@ -228,6 +233,25 @@ async def test_a_malformed_request_is_one_log_line_without_its_bytes(
     assert KEY not in repr(logs)
     assert KEY not in printed.out + printed.err  # nor from aiohttp's own logger
     assert "Traceback" not in printed.err
+    assert caplog.records == []
+
+
+async def test_a_body_a_route_left_unread_and_cannot_decode_is_no_traceback(
+    chatbus: Chatbus, caplog: pytest.LogCaptureFixture
+) -> None:
+    garbage = b"not gzip at all"
+    with structlog.testing.capture_logs() as logs:
+        async with connection(chatbus) as (reader, writer):
+            writer.write(
+                b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Encoding: gzip\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(garbage), garbage)
+            )
+            assert (await response(reader))[0] == 200
+            assert await closed_without_answer(reader)
+    assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == [
+        "malformed request"
+    ]
+    assert [record.getMessage() for record in caplog.records] == []
 
 
 async def test_a_burst_of_malformed_requests_is_rate_limited(
