@@ -4,16 +4,24 @@ over raw sockets on loopback, since a well-behaved client cannot misbehave on pu
 from __future__ import annotations
 
 import asyncio
+import resource
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiohttp
 import orjson
 import pytest
 import structlog
 
 from tests.conftest import Chatbus, StartChatbus
+from tests.test_cli import ROOT, free_port
 
 BOUND = 10.0  # seconds: generous, for a loaded machine; what is waited on is the socket itself
 LIVE = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -270,3 +278,141 @@ async def test_a_burst_of_malformed_requests_is_rate_limited(
     assert 1 <= len(lines) <= 1 + int(elapsed)  # one a second at most
     assert sum(line["suppressed"] for line in lines) + len(lines) <= 100
     assert KEY not in printed.out + printed.err
+
+
+# Slowloris at a file-descriptor limit, against `chatbus serve` in a subprocess
+
+FD_LIMIT = 1024
+SLOW_CLIENTS = 1100
+# Lowers the limit, then becomes `chatbus` (no preexec_fn: unsafe in a threaded process).
+LIMITED_CHATBUS = [
+    sys.executable,
+    "-c",
+    "import os, resource, sys;"
+    f" resource.setrlimit(resource.RLIMIT_NOFILE, ({FD_LIMIT}, {FD_LIMIT}));"
+    " os.execv(sys.executable, [sys.executable, '-m', 'core.cli', *sys.argv[1:]])",
+]
+
+
+@dataclass
+class Slowloris:
+    """Clients that each hold a connection with a request whose headers never end, a line
+    a second, and come back a second after the server closes it."""
+
+    port: int
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    all_in: asyncio.Event = field(default_factory=asyncio.Event)  # each connected once
+    more: asyncio.Event = field(default_factory=asyncio.Event)  # one more connected
+    connected: int = 0
+    writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def client(self) -> None:
+        while not self.stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                await asyncio.sleep(1)
+                continue
+            self.connected += 1
+            self.more.set()
+            if self.connected >= SLOW_CLIENTS:
+                self.all_in.set()
+            self.writers.add(writer)
+            try:
+                writer.write(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                await self._drip(reader, writer)
+            except OSError:
+                pass
+            finally:
+                self.writers.discard(writer)
+                writer.close()
+            await asyncio.sleep(1)
+
+    async def reconnected(self, count: int) -> None:
+        """Wait until `count` more connections have been made."""
+        target = self.connected + count
+        while self.connected < target:
+            self.more.clear()
+            await self.more.wait()
+
+    async def _drip(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while not self.stop.is_set():
+            try:
+                async with asyncio.timeout(1):
+                    await reader.read()  # returns once the server closes
+                return
+            except TimeoutError:
+                writer.write(b"X-Slow: 1\r\n")
+
+
+async def listening(port: int, process: asyncio.subprocess.Process) -> None:
+    async with asyncio.timeout(15):
+        while True:
+            assert process.returncode is None, "chatbus serve exited"
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            return
+
+
+def raise_own_fd_limit(wanted: int) -> tuple[int, int]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"needs {wanted} file descriptors; the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    return soft, hard
+
+
+async def test_normal_requests_are_served_under_1100_slowloris_at_1024_fds(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    config = tmp_path / "edge.toml"
+    config.write_text(
+        'default_model = "echo"\n[models.echo]\nprovider = "echo"\n'
+        '[history.sqlite]\npath = "edge.db"\n'
+        "[server]\nheader_timeout_seconds = 2\nshutdown_grace_seconds = 1\n"
+    )
+    log = tmp_path / "serve.log"  # a file, not a pipe: a full pipe would stall the server
+    limits = raise_own_fd_limit(SLOW_CLIENTS + 512)
+    with log.open("w") as output:
+        process = await asyncio.create_subprocess_exec(
+            *LIMITED_CHATBUS, "--config", str(config), "serve", "--port", str(port),
+            cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    attack = Slowloris(port)
+    clients = []
+    try:
+        await listening(port, process)
+        clients = [asyncio.create_task(attack.client()) for _ in range(SLOW_CLIENTS)]
+        async with asyncio.timeout(BOUND):
+            await attack.all_in.wait()
+        url = f"http://127.0.0.1:{port}"
+        timeout = aiohttp.ClientTimeout(total=BOUND)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            for _ in range(3):  # while the attack goes on: closed clients keep coming back
+                async with asyncio.timeout(BOUND):
+                    await attack.reconnected(SLOW_CLIENTS // 2)
+                async with http.get(url + "/health/live") as live:
+                    assert live.status == 200
+                chat = {"query": "still here", "stream": False}
+                async with http.post(url + "/chat/chat", json=chat) as answer:
+                    assert answer.status == 200
+                    assert (await answer.json())["text"] == "still here"
+    finally:
+        attack.stop.set()
+        for task in clients:
+            task.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
+        for writer in attack.writers:
+            writer.close()
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            await process.wait()
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    printed = log.read_text()
+    assert "connection limit reached" in printed
+    assert "Traceback" not in printed
