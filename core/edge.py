@@ -166,7 +166,7 @@ class EdgeRequestHandler(web.RequestHandler):
             return await super().finish_response(request, resp, start_time)
         finally:
             self._answered += 1
-            if resp.status == REQUEST_TIMEOUT:
+            if getattr(resp, "status", None) == REQUEST_TIMEOUT:  # None: aiohttp answers 500
                 # Close at once (RFC 9110 15.5.9): aiohttp would linger, reading what is
                 # left of the body that did not arrive in time, for 10 s more.
                 self.force_close()
