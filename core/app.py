@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from core import auth, routes
+from core import auth, guards, routes
 from core.bus import EventBus
 from core.chat import ChatService
 from core.config import Config, ConfigError, first_problem
@@ -35,7 +35,12 @@ log = structlog.get_logger("chatbus.app")
 def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Application:
     pm = pm or make_plugin_manager(config.plugins.modules)
     app = web.Application(
-        middlewares=[request_context(config.server.access_log), auth.middleware(config.auth)],
+        middlewares=[
+            request_context(config.server.access_log),
+            guards.host_guard(config),
+            auth.middleware(config.auth),
+            guards.body_guard(config),
+        ],
         client_max_size=config.server.max_body_bytes,
     )
     app.on_response_prepare.append(add_request_id)

@@ -61,7 +61,7 @@ def middleware(auth: AuthConfig) -> Any:
 
 def check_exposure(host: str, auth: AuthConfig) -> None:
     """Refuse to listen beyond loopback with no API keys, unless the config says so."""
-    if auth.keys or auth.allow_public_without_keys or _is_loopback(host):
+    if auth.keys or auth.allow_public_without_keys or is_loopback(host):
         return
     raise ConfigError(
         f"server.host: refusing to listen on {host} without [auth] keys (anyone could chat"
@@ -69,7 +69,8 @@ def check_exposure(host: str, auth: AuthConfig) -> None:
     )
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """`localhost`, or an address of 127.0.0.0/8 or ::1."""
     if host == "localhost":
         return True
     try:

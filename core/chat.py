@@ -21,7 +21,7 @@ import pluggy
 import structlog
 
 from core.bus import EventBus
-from core.config import Config
+from core.config import Config, split_authority
 from core.events import (
     ChatReceived,
     ChatStarted,
@@ -38,6 +38,7 @@ from core.turn import ChatTurn
 from core.web import ApiError
 
 log = structlog.get_logger("chatbus.chat")
+DEFAULT_PORTS = {"http": 80, "https": 443}
 SAVE_RETRY_FIRST, SAVE_RETRY_MAX = 0.5, 30.0  # seconds between tries to store an answer
 
 
@@ -49,6 +50,32 @@ def store_available() -> Iterator[None]:
         raise ApiError(
             503, "store_unavailable", f"the history store is unavailable ({exc}); try again"
         ) from None
+
+
+def callback_problem(url: str, allowed: set[tuple[str, int | None]]) -> str | None:
+    """What keeps `url` from being called back, given the allowed (host, port) pairs (a None
+    port: the scheme's default); None when nothing does."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "not a valid URL"
+    default_port = DEFAULT_PORTS.get(parts.scheme)
+    if default_port is None or not parts.hostname:
+        return "not an http(s) URL"
+    if parts.username is not None or parts.password is not None:
+        return "credentials (user:pass@) are not allowed in it"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return "its port is not valid"
+    host = parts.hostname.rstrip(".")
+    port = port or default_port
+    if (host, port) in allowed or (port == default_port and (host, None) in allowed):
+        return None
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port} is not allowed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +106,7 @@ class ChatService:
         self.bus = bus
         self._hooks = hooks
         self._background: set[asyncio.Task[Any]] = set()
+        self._callback_targets = {split_authority(entry) for entry in config.chat.callback_hosts}
 
     async def start(self, request: ChatRequest, caller: Caller) -> ChatTurn:
         """Steps 2-5 of the flow; raises ApiError before anything is stored."""
@@ -148,14 +176,13 @@ class ChatService:
         )
 
     def _check_callback(self, url: str) -> None:
-        """Only http(s) URLs on an allowed host: a chat must not make chatbus call anything
-        else (server-side request forgery)."""
-        allowed = self.config.callback_hosts
-        parsed = urlsplit(url)
-        if parsed.scheme not in ("http", "https") or parsed.hostname not in allowed:
-            hosts = ", ".join(allowed) or "none: set [chat] callback_hosts"
-            raise ApiError(400, "callback_not_allowed", f"callback_url: an http(s) URL on an"
-                           f" allowed host is required (allowed: {hosts})",
+        """Only http(s) URLs on an allowed host and port, with no credentials: a chat must
+        not make chatbus call anything else (server-side request forgery)."""
+        problem = callback_problem(url, self._callback_targets)
+        if problem is not None:
+            allowed = ", ".join(self.config.callback_hosts) or "none: set [chat] callback_hosts"
+            raise ApiError(400, "callback_not_allowed", f"callback_url: {problem}; an http(s)"
+                           f" URL on an allowed host and port is required (allowed: {allowed})",
                            field="callback_url")  # fmt: skip
 
     def plan(self, event: Event) -> list[Delivery]:

@@ -9,17 +9,49 @@ are read as TOML scalars when they parse as one (`8000`, `true`), else as plain 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "CHATBUS_"
 ENV_CONFIG_PATH = "CHATBUS_CONFIG"
 DEFAULT_PROMPTS = {"default": "{{ input }}"}
 INTERNAL_KEYS = ("base_dir", "source")  # set by load_config, not by users
+
+
+_AUTHORITY = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<name>[^:\[\]]*))(?::(?P<port>[0-9]*))?")
+
+
+def split_authority(text: str) -> tuple[str, int | None]:
+    """`host`, `host:port`, `[v6]` or `[v6]:port` (a Host header, an allowlist entry) as
+    (host lower-cased, without brackets or a trailing dot; port or None). ValueError when
+    it is none of these or the port is not 1 to 65535."""
+    match = _AUTHORITY.fullmatch(text)
+    if match is None:
+        raise ValueError(f"'{text}' is not a host or host:port")
+    host = match["v6"] if match["v6"] is not None else match["name"]
+    port = int(match["port"]) if match["port"] else None
+    if port is not None and not 0 < port <= 65535:
+        raise ValueError(f"'{text}': the port must be 1 to 65535")
+    return host.rstrip(".").lower(), port
+
+
+def _check_authorities(entries: list[str]) -> list[str]:
+    for entry in entries:
+        if not split_authority(entry)[0]:
+            raise ValueError(f"'{entry}' names no host")
+    return entries
 
 
 class ConfigError(Exception):
@@ -36,16 +68,42 @@ class ServerConfig(Section):
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
     shutdown_grace_seconds: float = Field(30.0, ge=0)
     access_log: bool = True  # one log line per request (method, path, status, ms)
+    # Slow and idle clients (none of these limits a response being streamed). A client sends
+    # its request line and headers in one write: 10 s is generous even on a bad mobile link,
+    # and it bounds how long a slowloris holds a socket. 30 s reads the largest body at
+    # about 280 kB/s. 75 s of keep-alive outlasts the 60 s idle timeout of common proxies
+    # (nginx upstream, AWS ALB), so a proxy never reuses a connection chatbus is closing.
+    header_timeout_seconds: float = Field(10.0, gt=0)
+    body_timeout_seconds: float = Field(30.0, gt=0)
+    keepalive_timeout_seconds: float = Field(75.0, gt=0)
+    # Open client connections at most; past it the oldest idle one is closed (or, when every
+    # one is busy, the new one is answered 503). 0: derived from the file-descriptor limit.
+    max_connections: int = Field(0, ge=0)
+    # Without [auth] keys only loopback Host headers are served (against DNS rebinding):
+    # the other names this chatbus answers to, on any port, e.g. ["chat.internal"]; "*": any.
+    allowed_hosts: list[str] = []
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        return _check_authorities(hosts)
 
 
 class ChatConfig(Section):
     max_query_chars: int = Field(32_000, gt=0)
     max_history_turns: int = Field(100, ge=0)
     keepalive_seconds: float = Field(15.0, gt=0)
-    # Async chats: a request's `callback_url` must name one of these hosts (no SSRF); the
-    # answer is delivered there signed with the secret(s) in `callback_secret_env`.
+    # Async chats: a request's `callback_url` must name one of these (no SSRF): `host`,
+    # `host:port`, `[v6]` or `[v6]:port`; a bare host allows only its scheme's default port
+    # (80 for http, 443 for https). The answer is delivered there signed with the secret(s)
+    # in `callback_secret_env`.
     callback_hosts: list[str] = []
     callback_secret_env: str = "CHATBUS_CALLBACK_SECRET"
+
+    @field_validator("callback_hosts")
+    @classmethod
+    def _hosts_and_ports(cls, hosts: list[str]) -> list[str]:
+        return _check_authorities(hosts)
 
 
 class HistoryConfig(BaseModel):

@@ -11,7 +11,9 @@ from aiohttp import web
 
 from core.app import create_app
 from core.auth import check_exposure
-from core.config import Config
+from core.config import Config, ServerConfig
+from core.edge import EdgeRunner, default_max_connections
+from core.keys import CONFIG
 
 log = structlog.get_logger("chatbus.server")
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython: 700)
@@ -19,8 +21,17 @@ GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython: 7
 
 async def start(app: web.Application, host: str, port: int, grace: float) -> web.AppRunner:
     """Start serving `app`; `runner.addresses` tells the bound port when `port` is 0."""
+    limits = app[CONFIG].server if CONFIG in app else ServerConfig()  # a bare app: defaults
     # A client that disconnects cancels its handler at once, which cancels the upstream call.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=grace)
+    runner = EdgeRunner(
+        app,
+        header_timeout=limits.header_timeout_seconds,
+        max_connections=limits.max_connections or default_max_connections(),
+        keepalive_timeout=limits.keepalive_timeout_seconds,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=grace,
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, backlog=4096).start()

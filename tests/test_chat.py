@@ -77,6 +77,7 @@ async def test_prompt_template_applies_to_the_query(
     assert upstream.received[-1].body["messages"][-1]["content"] == "Code: sort a list"
 
 
+JSON = {"Content-Type": "application/json"}
 BRACES = "{{ 7*7 }} {% if x %}y{% endif %} {# c #} }} {{"
 
 
@@ -280,7 +281,7 @@ async def test_bad_input_is_a_4xx_naming_the_field(
 async def test_a_body_that_is_not_a_json_object(
     chatbus: Chatbus, raw: bytes, status: int, kind: str
 ) -> None:
-    async with chatbus.http.post(chatbus.url + "/chat/chat", data=raw) as response:
+    async with chatbus.http.post(chatbus.url + "/chat/chat", data=raw, headers=JSON) as response:
         assert response.status == status
         assert (await response.json())["error"]["type"] == kind
     assert stored_rows(chatbus) == []
@@ -439,3 +440,59 @@ async def test_a_provider_s_empty_and_foreign_pieces_are_skipped(
     assert record is not None
     assert (record.response, record.status) == ("a b", Status.COMPLETED)
     assert record.usage == Usage(prompt_tokens=1, completion_tokens=2)
+
+
+# callback_url: the allowlist by host and port
+
+
+@pytest.mark.parametrize(
+    ("hosts", "url"),
+    [
+        (["hooks.example"], "http://hooks.example/h"),  # a bare host: the scheme's port
+        (["hooks.example"], "https://hooks.example/h"),
+        (["hooks.example"], "http://hooks.example:80/h"),
+        (["HOOKS.example"], "http://hooks.EXAMPLE./h"),
+        (["127.0.0.1:8080"], "http://127.0.0.1:8080/h"),
+        (["127.0.0.1:8443"], "https://127.0.0.1:8443/h"),
+        (["[::1]:9000"], "http://[::1]:9000/h"),
+        (["[::1]"], "https://[::1]/h"),
+    ],
+)
+async def test_a_callback_on_an_allowed_host_and_port_is_accepted(
+    start_chatbus: StartChatbus, hosts: list[str], url: str
+) -> None:
+    chatbus = await start_chatbus(chat={"callback_hosts": hosts})
+    status, body = await chatbus.chat_json(query="x", callback_url=url)
+    assert status == 202, body
+
+
+@pytest.mark.parametrize(
+    ("hosts", "url", "problem"),
+    [
+        (["hooks.example"], "http://hooks.example:8080/h", "hooks.example:8080 is not allowed"),
+        (["hooks.example"], "https://hooks.example:80/h", "hooks.example:80 is not allowed"),
+        (["127.0.0.1:8080"], "http://127.0.0.1/h", "127.0.0.1:80 is not allowed"),
+        (["127.0.0.1:8080"], "http://127.0.0.1:8081/h", "127.0.0.1:8081 is not allowed"),
+        (["[::1]:9000"], "http://[::1]:9001/h", "[::1]:9001 is not allowed"),
+        (["hooks.example"], "http://[a/", "not a valid URL"),
+        (["hooks.example"], "http://hooks.example:99999/h", "its port is not valid"),
+        (["hooks.example"], "http://hooks.example:abc/h", "its port is not valid"),
+        (["hooks.example"], "http://hooks.example:0/h", "its port is not valid"),
+        (["hooks.example"], "http://user:s3cretpw@hooks.example/h", "credentials"),
+        (["hooks.example"], "http://user@hooks.example/h", "credentials"),
+        (["hooks.example"], "http://hooks.example\\@evil.example/h", "credentials"),
+        (["hooks.example"], "http:///h", "not an http(s) URL"),
+    ],
+)
+async def test_a_callback_off_the_allowlist_is_a_400_naming_why(
+    start_chatbus: StartChatbus, hosts: list[str], url: str, problem: str
+) -> None:
+    chatbus = await start_chatbus(chat={"callback_hosts": hosts})
+    status, body = await chatbus.chat_json(query="x", callback_url=url)
+    assert status == 400
+    error = body["error"]
+    assert (error["type"], error["field"]) == ("callback_not_allowed", "callback_url")
+    assert problem in error["message"]
+    assert "s3cretpw" not in error["message"]
+    assert stored_rows(chatbus) == []
+    assert chatbus.events.events == []

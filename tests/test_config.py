@@ -389,3 +389,38 @@ def test_override_values_take_the_type_of_their_key(
     assert config.default_model == "2024"
     assert config.plugins.modules == ["a.b"]
     assert config.chat.keepalive_seconds == 0.5
+
+
+# Host and host:port lists
+
+
+@pytest.mark.parametrize(
+    ("key", "entry", "problem"),
+    [
+        ("chat.callback_hosts", "hooks.example:http", "is not a host or host:port"),
+        ("chat.callback_hosts", "[::1]:70000", "the port must be 1 to 65535"),
+        ("chat.callback_hosts", "hooks.example:0", "the port must be 1 to 65535"),
+        ("chat.callback_hosts", ":8080", "names no host"),
+        ("server.allowed_hosts", "a:b:c", "is not a host or host:port"),
+        ("server.allowed_hosts", "", "names no host"),
+    ],
+)
+def test_a_bad_host_entry_is_a_config_error(
+    tmp_path: Path, key: str, entry: str, problem: str
+) -> None:
+    section, name = key.split(".")
+    file = write(tmp_path / "c.toml", f'[{section}]\n{name} = ["ok.example", "{entry}"]\n')
+    message = error_of(file)
+    assert message.startswith(f"{file}: {key}: ")
+    assert problem in message
+
+
+def test_host_entries_with_ports_and_brackets_load(tmp_path: Path) -> None:
+    file = write(
+        tmp_path / "c.toml",
+        '[chat]\ncallback_hosts = ["hooks.example", "10.0.0.5:8080", "[fd00::5]:9000"]\n'
+        '[server]\nallowed_hosts = ["chat.internal", "[fd00::1]", "*"]\n',
+    )
+    config = load_config(file, {})
+    assert config.chat.callback_hosts == ["hooks.example", "10.0.0.5:8080", "[fd00::5]:9000"]
+    assert config.server.allowed_hosts == ["chat.internal", "[fd00::1]", "*"]

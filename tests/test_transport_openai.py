@@ -185,7 +185,8 @@ async def test_bad_requests(
 
 
 async def test_invalid_json(chatbus: Chatbus) -> None:
-    async with chatbus.http.post(chatbus.url + "/v1/chat/completions", data=b"{") as response:
+    url, headers = chatbus.url + "/v1/chat/completions", {"Content-Type": "application/json"}
+    async with chatbus.http.post(url, data=b"{", headers=headers) as response:
         assert response.status == 400
         error = (await response.json())["error"]
     assert (error["type"], error["code"], error["param"]) == (

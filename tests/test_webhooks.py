@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -339,8 +340,9 @@ def test_a_delay_the_loop_cannot_sleep_on_is_a_config_error(
 
 
 def async_mode(receiver: Receiver, **chat: Any) -> dict[str, Any]:
+    allowed = [urlsplit(receiver.url).netloc]  # 127.0.0.1:<port>: a bare host means port 80
     return {
-        "chat": {"callback_hosts": ["127.0.0.1"], "callback_secret_env": "HOOK_SECRET", **chat},
+        "chat": {"callback_hosts": allowed, "callback_secret_env": "HOOK_SECRET", **chat},
         "webhook_delivery": FAST,
     }
 
@@ -429,7 +431,7 @@ async def test_redirects_are_never_followed(
     redirector = await start(redirecting, "127.0.0.1", 0, grace=0.1)
     try:
         url = f"http://127.0.0.1:{redirector.addresses[0][1]}/hook"
-        chatbus = await start_chatbus(**async_mode(receiver))
+        chatbus = await start_chatbus(**async_mode(receiver, callback_hosts=[urlsplit(url).netloc]))
         status, _ = await chatbus.chat_json(query="x", callback_url=url)
         assert status == 202
         stopped = await settled(chatbus, DeliveryStatus.STOPPED)
