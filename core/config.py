@@ -62,6 +62,20 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# An answer's size is bounded in characters, not bytes: `len(str)` is free on the hot path
+# (one int add and compare a delta), and a character is at most 4 bytes of UTF-8 and at most
+# 6 of JSON (a control character as \u0001). The default, 1 Mi characters (about 250k tokens
+# of English, far above any model's output limit), stores at most 4 MiB; the ceiling, 2 Mi
+# characters, at most 8 MiB in a record and 12 MiB in a webhook payload, so that either one,
+# with a query (32,000 characters: 128 KB of UTF-8) and its metadata, fits MongoDB's 16 MB
+# document limit.
+DEFAULT_ANSWER_CHARS = 1024 * 1024
+MAX_ANSWER_CHARS = 2 * 1024 * 1024
+# An answer taking longer than this is cut off (`upstream_timeout`): the whole answer, with
+# its retries and fallbacks, not one attempt.
+DEFAULT_ANSWER_SECONDS = 600.0
+
+
 class ServerConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(7861, ge=0, le=65535)
@@ -93,6 +107,9 @@ class ChatConfig(Section):
     max_query_chars: int = Field(32_000, gt=0)
     max_history_turns: int = Field(100, ge=0)
     keepalive_seconds: float = Field(15.0, gt=0)
+    # Every model's limits, unless the model sets its own (same keys on [models.<name>]).
+    max_answer_chars: int = Field(DEFAULT_ANSWER_CHARS, gt=0, le=MAX_ANSWER_CHARS)
+    answer_timeout_seconds: float = Field(DEFAULT_ANSWER_SECONDS, gt=0)
     # Async chats: a request's `callback_url` must name one of these (no SSRF): `host`,
     # `host:port`, `[v6]` or `[v6]:port`; a bare host allows only its scheme's default port
     # (80 for http, 443 for https). The answer is delivered there signed with the secret(s)
@@ -135,6 +152,10 @@ class ModelConfig(BaseModel):
     retries: int = Field(2, ge=0, le=10)
     retry_backoff: float = Field(0.5, ge=0, le=60)
     fallbacks: list[str] = []
+    # None: [chat]'s. The size limit is the answering model's; the duration limit is the
+    # requested model's, for the whole answer (its retries and fallbacks included).
+    max_answer_chars: int | None = Field(None, gt=0, le=MAX_ANSWER_CHARS)
+    answer_timeout_seconds: float | None = Field(None, gt=0)
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})

@@ -6,21 +6,63 @@ A provider turns one `ModelCall` into an async iterator of text deltas. It may y
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
+import structlog
+
+log = structlog.get_logger("chatbus.providers")
 
 Message = dict[str, str]  # {"role": ..., "content": ...}, the OpenAI shape
 # Words by which upstreams say a prompt is too long, when they give no better sign.
 CONTEXT_HINTS = ("context_length", "context length", "maximum context", "too many tokens")
+# No real count comes near it, and the total of two counts stays an exact integer in
+# JSON readers that use doubles (JavaScript's 2**53).
+MAX_TOKEN_COUNT = 2**52
+COUNTS = ("prompt_tokens", "completion_tokens")
 
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """Token counts. Each is a non-negative int below MAX_TOKEN_COUNT or None: anything else
+    (a bool, a float, a string, a negative or huge number) is dropped, with one log line,
+    whoever built the Usage, so no transport or store ever adds up a string."""
+
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        dropped = {}
+        for name in COUNTS:
+            value = getattr(self, name)
+            if value is not None and not _is_count(value):
+                dropped[name] = type(value).__name__  # the type only: no payload in logs
+                object.__setattr__(self, name, None)
+        if dropped:
+            log.warning("invalid token counts dropped", dropped=dropped)
+
+    @classmethod
+    def of(cls, found: object) -> Usage | None:
+        """The usage an upstream reported: a mapping (OpenAI's JSON) or an object with
+        attributes (litellm's); None when it holds no valid count."""
+        if found is None:
+            return None
+        if isinstance(found, Mapping):
+            usage = cls(*(found.get(name) for name in COUNTS))
+        elif any(hasattr(found, name) for name in COUNTS):
+            usage = cls(*(getattr(found, name, None) for name in COUNTS))
+        else:  # a string, a number, a list: not a usage at all
+            log.warning("invalid usage dropped", kind=type(found).__name__)
+            return None
+        if usage.prompt_tokens is None and usage.completion_tokens is None:
+            return None
+        return usage
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and 0 <= value < MAX_TOKEN_COUNT  # bool is not an int here
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +130,19 @@ class ContextWindowExceeded(BadRequest):
 
 class MalformedResponse(ProviderError):
     type = "malformed_response"
+
+
+class AnswerTooLong(ProviderError):
+    """The answer passed its size limit (`max_answer_chars`): what came before it is kept."""
+
+    type = "answer_too_long"
+
+
+class AnswerTimeout(UpstreamTimeout):
+    """The answer passed its duration limit (`answer_timeout_seconds`), retries included:
+    nothing is tried after it."""
+
+    retryable = False
 
 
 def refuse_keys_in_file(options: object) -> None:

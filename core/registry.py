@@ -39,6 +39,9 @@ class Route:
     retry_backoff: float
     fallbacks: tuple[str, ...]
     health: Health = field(default_factory=Health)
+    # The model's own answer limits; None: [chat]'s (see ModelConfig).
+    max_answer_chars: int | None = None
+    answer_timeout_seconds: float | None = None
 
     def delay(self, attempt: int, error: ProviderError) -> float:
         """Seconds before retry `attempt` (1, 2, ...): exponential with jitter, or what the
@@ -94,6 +97,8 @@ class ModelRegistry:
                 model.retries,
                 model.retry_backoff,
                 tuple(model.fallbacks),
+                max_answer_chars=model.max_answer_chars,
+                answer_timeout_seconds=model.answer_timeout_seconds,
             )
         return cls(routes)
 

@@ -14,10 +14,11 @@ import structlog
 
 from core.events import ChatCancelled, ChatCompleted, ChatFailed
 from core.history import MessageRecord, Outcome, Status
-from core.providers import ModelCall, Provider, ProviderError, Usage
+from core.providers import AnswerTimeout, AnswerTooLong, ModelCall, ProviderError, Usage
 
 if TYPE_CHECKING:
     from core.chat import ChatService
+    from core.registry import Route
 
 log = structlog.get_logger("chatbus.chat")
 
@@ -81,6 +82,20 @@ class ChatTurn:
         return await self._finish(answer, Status.COMPLETED)
 
     async def _answer(self, answer: _Answer, send: Send | None) -> None:
+        """The answer within its time limit: the requested model's (or [chat]'s), for the
+        whole of it, retries and fallbacks included, so that a turn has one bound."""
+        seconds = self._time_limit()
+        deadline = asyncio.timeout(seconds)
+        try:
+            async with deadline:
+                await self._try_models(answer, send)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            log.warning("answer timed out", model=answer.model, seconds=seconds)
+            raise AnswerTimeout(f"the answer took longer than the limit of {seconds:g} s") from None
+
+    async def _try_models(self, answer: _Answer, send: Send | None) -> None:
         """The model, then its retries, then its fallbacks, until one answers. Once the
         client has text, nothing is retried: a failure then fails the turn."""
         error: ProviderError | None = None
@@ -91,7 +106,7 @@ class ChatTurn:
                     assert error is not None
                     await asyncio.sleep(route.delay(attempt, error))
                 try:
-                    await self._relay(route.provider, answer, send)
+                    await self._relay(route, answer, send)
                 except ProviderError as exc:
                     route.record(exc)
                     if answer.parts:
@@ -112,16 +127,24 @@ class ChatTurn:
         assert error is not None
         raise error
 
-    async def _relay(self, provider: Provider, answer: _Answer, send: Send | None) -> None:
-        """The hot path: every delta from the provider straight to the transport."""
+    async def _relay(self, route: Route, answer: _Answer, send: Send | None) -> None:
+        """The hot path: every delta from the provider straight to the transport, until the
+        answer passes its size limit (the delta that would pass it is not sent)."""
         parts = answer.parts
         answer.usage = None  # a failed attempt's count is not this one's
+        limit = self._size_limit(route)
+        size = 0  # characters: an attempt starts with no text (none is retried after text)
         try:
-            async with aclosing(provider.stream(self.call)) as pieces:
+            async with aclosing(route.provider.stream(self.call)) as pieces:
                 async for piece in pieces:
                     if isinstance(piece, str):
                         if not piece:
                             continue  # nothing to send, and not yet an answer
+                        size += len(piece)
+                        if size > limit:
+                            raise AnswerTooLong(
+                                f"the answer passed the limit of {limit} characters"
+                            )
                         if answer.first is None:
                             answer.first = time.perf_counter()
                         parts.append(piece)
@@ -134,6 +157,15 @@ class ChatTurn:
         except Exception as exc:  # a provider bug must not crash the turn unrecorded
             log.exception("provider crashed", model=answer.model, message_id=self.message_id)
             raise ProviderError(f"the provider failed: {type(exc).__name__}") from None
+
+    def _size_limit(self, route: Route) -> int:
+        own = route.max_answer_chars
+        return self._service.config.max_answer_chars if own is None else own
+
+    def _time_limit(self) -> float:
+        route = self._service.models.get(self.record.model)
+        own = route.answer_timeout_seconds if route is not None else None
+        return self._service.config.answer_timeout_seconds if own is None else own
 
     async def _finish(
         self, answer: _Answer, status: Status, error: ProviderError | None = None

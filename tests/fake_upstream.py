@@ -81,6 +81,21 @@ class Behaviour:
     one_write: bool = False
     """Streaming: send every frame, [DONE] included, in one write (a burst, as a fast
     server's deltas queued behind a stall arrive)."""
+    endless: bool = False
+    """Stream the pieces over and over, never finishing (no final chunk, no [DONE]): as fast
+    as the client reads (big ones with ``tokens=["x" * 100_000]``), or one every ``delay``."""
+    long_line: int | None = None
+    """Streaming: after the first piece, a ``data:`` line of this many bytes that never ends
+    (no newline), then the end of the response."""
+    raw_body: bytes | None = None
+    """Answer 200 with exactly these bytes (an HTML page, random bytes) as ``raw_type``."""
+    raw_type: str | None = "text/html"
+    """The Content-Type of ``raw_body``; None: aiohttp's default, application/octet-stream
+    (what an aiohttp client also reads a missing Content-Type as)."""
+    unstreamed: bool = False
+    """Answer with one ``chat.completion`` JSON body even when the request asks to stream."""
+    usage_values: dict[str, Any] | None = None
+    """Report these usage fields as they are (``"x"``, -1, 1e25, True), streamed or not."""
 
 
 @dataclass
@@ -142,6 +157,12 @@ def _usage(body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt + completion_tokens,
     }
+
+
+def _usage_of(b: Behaviour, body: dict[str, Any], completion_tokens: int) -> dict[str, Any]:
+    if b.usage_values is not None:
+        return dict(b.usage_values)
+    return _usage(body, completion_tokens)
 
 
 def _error_body(status: int, message: str) -> dict[str, Any]:
@@ -248,8 +269,10 @@ class FakeUpstream:
                 return _error_response(400, "request body must be a JSON object")
             if b.fail_status is not None and self._should_fail():
                 return _error_response(b.fail_status, b.fail_message, b.retry_after)
+            if b.raw_body is not None:
+                return web.Response(body=b.raw_body, content_type=b.raw_type)
             pieces, finish = _pieces(b, body)
-            if body.get("stream"):
+            if body.get("stream") and not b.unstreamed:
                 return await self._stream(request, b, body, pieces, finish)
             return await self._complete(request, b, body, pieces, finish)
         except asyncio.CancelledError:
@@ -297,7 +320,7 @@ class FakeUpstream:
             ],
         }
         if b.usage:
-            answer["usage"] = _usage(body, len(pieces))
+            answer["usage"] = _usage_of(b, body, len(pieces))
         return web.Response(body=orjson.dumps(answer), content_type="application/json")
 
     async def _stream(
@@ -341,6 +364,15 @@ class FakeUpstream:
 
             if n == 0:
                 await write(first_prefix + b'""' + _PIECE_SUFFIX)
+            if b.endless:
+                frames = [prefix + dumps(piece) + _PIECE_SUFFIX for piece in pieces]
+                await _forever(write, frames or [prefix + b'"x"' + _PIECE_SUFFIX], b.delay)
+            if b.long_line is not None:
+                if n:
+                    await write(first_prefix + dumps(pieces[0]) + _PIECE_SUFFIX)
+                await _unended_line(write, b.long_line)
+                await resp.write_eof()
+                return resp
             for i in range(n + 1):
                 if i and b.delay:
                     await asyncio.sleep(b.delay)
@@ -360,7 +392,7 @@ class FakeUpstream:
             last = dict(head, choices=[{"index": 0, "delta": {}, "finish_reason": finish}])
             await write(b"data: " + dumps(last) + b"\n\n")
             if want_usage:
-                tail = dict(head, choices=[], usage=_usage(body, n))
+                tail = dict(head, choices=[], usage=_usage_of(b, body, n))
                 await write(b"data: " + dumps(tail) + b"\n\n")
             await write(_DONE)
             if b.one_write:
@@ -373,6 +405,26 @@ class FakeUpstream:
         return resp
 
 
+async def _forever(write: Any, frames: list[bytes], delay: float) -> None:
+    """The endless mode: the frames over and over until the client goes away."""
+    for sent, frame in enumerate(itertools.cycle(frames)):
+        await write(frame)
+        if delay:
+            await asyncio.sleep(delay)
+        elif not sent % 64:
+            await asyncio.sleep(0)  # a write to a fast reader may never wait: let others run
+
+
+async def _unended_line(write: Any, size: int) -> None:
+    """``data: xxx...`` of ``size`` bytes, written 64 KiB at a time, and no newline."""
+    await write(b"data: ")
+    block = b"x" * 65536
+    left = size - 6
+    while left > 0:
+        await write(block[:left])
+        left -= len(block)
+
+
 def _main() -> None:
     from pathlib import Path
 
@@ -380,13 +432,21 @@ def _main() -> None:
     parser.add_argument("--port", type=int, default=8001, help="0 picks a free port")
     parser.add_argument("--token-count", type=int, default=None, help="pieces per answer")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds between pieces")
+    parser.add_argument("--endless", action="store_true", help="stream, never finishing")
+    parser.add_argument(
+        "--token-chars", type=int, default=None, help="pieces of this many characters each"
+    )
     parser.add_argument(
         "--ready-file", default=None, help="write the base URL to this file once listening"
     )
     args = parser.parse_args()
 
     async def run() -> None:
-        upstream = FakeUpstream(Behaviour(token_count=args.token_count, delay=args.delay))
+        tokens = None if args.token_chars is None else ["x" * args.token_chars]
+        behaviour = Behaviour(
+            tokens=tokens, token_count=args.token_count, delay=args.delay, endless=args.endless
+        )
+        upstream = FakeUpstream(behaviour)
         await upstream.start(port=args.port)
         print(f"fake upstream at {upstream.base_url}", flush=True)
         if args.ready_file:

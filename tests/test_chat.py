@@ -14,7 +14,7 @@ from core.history import Status
 from core.hookspecs import hookimpl
 from core.providers import Usage
 from tests.conftest import Chatbus, StartChatbus
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import Behaviour, FakeUpstream
 
 
 def stored_rows(chatbus: Chatbus) -> list[tuple[Any, ...]]:
@@ -496,3 +496,106 @@ async def test_a_callback_off_the_allowlist_is_a_400_naming_why(
     assert "s3cretpw" not in error["message"]
     assert stored_rows(chatbus) == []
     assert chatbus.events.events == []
+
+
+# --- the answer's limits (core/turn.py) ---------------------------------------------------
+
+WORDS = [f"w{i} " for i in range(10)]  # 3 characters each
+
+
+def endless(upstream: FakeUpstream, delay: float = 0.0) -> None:
+    upstream.behaviour = Behaviour(endless=True, tokens=WORDS, delay=delay)
+
+
+async def failed_record(chatbus: Chatbus, message_id: str) -> Any:
+    record = await chatbus.store.get_message("default", message_id)
+    assert record is not None
+    assert record.status is Status.FAILED
+    return record
+
+
+async def test_an_endless_answer_stops_at_its_size_limit(
+    start_chatbus: StartChatbus, upstream: FakeUpstream
+) -> None:
+    endless(upstream)
+    chatbus = await start_chatbus(models={"fake": {"max_answer_chars": 1000}})
+    async with asyncio.timeout(30):
+        stream = await chatbus.chat(query="go on", model_name="fake")
+    assert stream.frames[-1]["error"] == {
+        "type": "answer_too_long",
+        "message": "the answer passed the limit of 1000 characters",
+    }
+    assert stream.text == ("".join(WORDS) * 34)[:999]  # the piece that would pass it is not sent
+    (message_id,) = stream.message_ids
+    record = await failed_record(chatbus, message_id)
+    assert (record.error, record.response) == ("answer_too_long", stream.text)
+    (failed,) = await chatbus.events.wait_for("chat_failed")
+    assert (failed.error_type, failed.text) == ("answer_too_long", stream.text)  # type: ignore[attr-defined]
+    assert len(upstream.received) == 1  # not retried
+    assert await upstream.wait_for_close(5.0)  # the upstream call was closed
+
+
+async def test_the_size_limit_of_chat_and_of_a_model(
+    start_chatbus: StartChatbus, upstream: FakeUpstream
+) -> None:
+    endless(upstream)
+    fake = {"provider": "openai_compat", "base_url": upstream.base_url, "model": "m"}
+    chatbus = await start_chatbus(
+        chat={"max_answer_chars": 300},
+        models={"own": {**fake, "max_answer_chars": 600}},
+    )
+    async with asyncio.timeout(30):
+        status, body = await chatbus.chat_json(query="go on", model_name="fake")  # [chat]'s
+        assert (status, body["error"]["type"], len(body["text"])) == (502, "answer_too_long", 300)
+        status, body = await chatbus.chat_json(query="go on", model_name="own")
+        assert (status, body["error"]["type"], len(body["text"])) == (502, "answer_too_long", 600)
+    record = await failed_record(chatbus, body["message_id"])
+    assert (record.error, record.response) == ("answer_too_long", body["text"])
+
+
+async def test_a_first_piece_past_the_limit_is_not_sent_and_falls_back(
+    start_chatbus: StartChatbus, upstream: FakeUpstream
+) -> None:
+    """Before the client has text the usual rule holds: the fallbacks are tried."""
+    upstream.behaviour = Behaviour(tokens=["x" * 2000])
+    models = {"fake": {"max_answer_chars": 1000, "fallbacks": ["echo"]}}
+    chatbus = await start_chatbus(models=models)
+    stream = await chatbus.chat(query="short", model_name="fake")
+    assert (stream.text, "error" in stream.frames[-1]) == ("short", False)
+    assert len(upstream.received) == 1  # not retried
+
+
+async def test_an_endless_answer_stops_at_its_time_limit(
+    start_chatbus: StartChatbus, upstream: FakeUpstream
+) -> None:
+    endless(upstream, delay=0.02)
+    chatbus = await start_chatbus(models={"fake": {"answer_timeout_seconds": 0.5}})
+    async with asyncio.timeout(30):
+        stream = await chatbus.chat(query="go on", model_name="fake")
+    assert stream.frames[-1]["error"] == {
+        "type": "upstream_timeout",
+        "message": "the answer took longer than the limit of 0.5 s",
+    }
+    assert stream.text.startswith("w0 w1 ")
+    (message_id,) = stream.message_ids
+    record = await failed_record(chatbus, message_id)
+    assert (record.error, record.response) == ("upstream_timeout", stream.text)
+    (failed,) = await chatbus.events.wait_for("chat_failed")
+    assert failed.error_type == "upstream_timeout"  # type: ignore[attr-defined]
+    assert len(upstream.received) == 1
+    assert await upstream.wait_for_close(5.0)
+
+
+async def test_the_time_limit_covers_the_retries(
+    start_chatbus: StartChatbus, upstream: FakeUpstream
+) -> None:
+    upstream.behaviour = Behaviour(fail_status=503)
+    chatbus = await start_chatbus(
+        chat={"answer_timeout_seconds": 0.5},
+        models={"fake": {"retries": 10, "retry_backoff": 0.2}},  # 0.1 s, 0.2 s, 0.4 s... each
+    )
+    async with asyncio.timeout(30):
+        status, body = await chatbus.chat_json(query="x", model_name="fake")
+    assert (status, body["error"]["type"], body["text"]) == (502, "upstream_timeout", "")
+    assert 1 <= len(upstream.received) < 11
+    await failed_record(chatbus, body["message_id"])

@@ -166,13 +166,16 @@ async def test_every_error_is_an_error_to_chatchats_webui(
         ("POST", "/chat/chat", {"query": "x", "model_name": "nope"}, 400),
         ("POST", "/chat/chat", {"query": "x", "prompt_name": "nope"}, 400),
         ("POST", "/chat/chat", b"{not json", 400),
+        ("POST", "/chat/chat", {"query": "x", "callback_url": "http://[a/"}, 400),
         ("POST", "/chat/feedback", {"message_id": "nope", "score": 1}, 404),
         ("GET", "/chat/chat", None, 405),
         ("GET", "/no/such/path", None, 404),
     ]
     async with httpx.AsyncClient(timeout=30) as client:
         for method, path, body, status in cases:
-            data = {"content": body} if isinstance(body, bytes) else {"json": body}
+            data: dict[str, Any] = {"json": body}
+            if isinstance(body, bytes):
+                data = {"content": body, "headers": {"Content-Type": "application/json"}}
             response = await client.request(method, chatbus.url + path, **data)
             answer = response.json()
             assert response.status_code == status, (path, answer)

@@ -280,6 +280,42 @@ def test_out_of_range(tmp_path: Path) -> None:
     assert "65535" in message
 
 
+def test_answer_limits_default_and_ceiling(tmp_path: Path) -> None:
+    file = write(
+        tmp_path / "c.toml",
+        '[models.echo]\nprovider = "echo"\n'
+        '[models.big]\nprovider = "echo"\nmax_answer_chars = 2097152\n'
+        "answer_timeout_seconds = 30\n",
+    )
+    config = load_config(file, {})
+    assert (config.chat.max_answer_chars, config.chat.answer_timeout_seconds) == (1048576, 600.0)
+    assert config.models["echo"].max_answer_chars is None  # [chat]'s applies
+    assert config.models["big"].max_answer_chars == 2097152
+    assert config.models["big"].answer_timeout_seconds == 30.0
+    assert config.models["big"].options() == {}  # chatbus's keys, not the provider's
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[chat]\nmax_answer_chars = 2097153\n", "chat.max_answer_chars"),
+        ("[chat]\nanswer_timeout_seconds = 0\n", "chat.answer_timeout_seconds"),
+        (
+            '[models.echo]\nprovider = "echo"\nmax_answer_chars = 3000000\n',
+            "models.echo.max_answer_chars",
+        ),
+        (
+            '[models.echo]\nprovider = "echo"\nanswer_timeout_seconds = -1\n',
+            "models.echo.answer_timeout_seconds",
+        ),
+    ],
+)
+def test_answer_limits_out_of_range(tmp_path: Path, text: str, key: str) -> None:
+    """No record can outgrow a MongoDB document (16 MB): 2 Mi characters at most."""
+    file = write(tmp_path / "c.toml", text)
+    assert error_of(file).startswith(f"{file}: {key}: ")
+
+
 def test_model_without_provider(tmp_path: Path) -> None:
     file = write(tmp_path / "c.toml", '[models.echo]\nprovider = "echo"\n[models.m]\nx = 1\n')
     assert error_of(file) == f"{file}: models.m.provider: Field required"

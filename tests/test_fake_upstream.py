@@ -292,3 +292,66 @@ async def test_many_concurrent_slow_streams(
     assert all(r[-1] == b"[DONE]" and len(r) == 7 for r in results)
     assert upstream.closed_early == 0
     assert upstream.open_streams == 0
+
+
+async def test_endless(upstream: FakeUpstream, session: aiohttp.ClientSession) -> None:
+    upstream.behaviour = Behaviour(tokens=["a", "b"], endless=True)
+    url = f"{upstream.base_url}/chat/completions"
+    texts: list[str] = []
+    async with session.post(url, json=_request()) as resp:
+        assert resp.status == 200
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                chunk = orjson.loads(line[6:])
+                assert chunk["choices"][0]["finish_reason"] is None
+                texts.append(chunk["choices"][0]["delta"]["content"])
+                if len(texts) == 1000:  # far more than two pieces, and still going
+                    break
+    assert texts[:4] == ["a", "b", "a", "b"]
+    assert await upstream.wait_for_close(5.0)  # it stops when the client goes
+
+
+async def test_long_line(upstream: FakeUpstream, session: aiohttp.ClientSession) -> None:
+    upstream.behaviour = Behaviour(long_line=200_000)
+    async with session.post(f"{upstream.base_url}/chat/completions", json=_request()) as resp:
+        body = await resp.read()
+    first, line = body.split(b"\n\n")
+    assert orjson.loads(first[6:])["choices"][0]["delta"]["content"] == "Hello"
+    assert len(line) == 200_000
+    assert line.startswith(b"data: xxx")
+    assert b"\n" not in line
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_raw_body(
+    upstream: FakeUpstream, session: aiohttp.ClientSession, stream: bool
+) -> None:
+    upstream.behaviour = Behaviour(raw_body=b"<html>down</html>")
+    url = f"{upstream.base_url}/chat/completions"
+    async with session.post(url, json=_request(stream=stream)) as resp:
+        assert (resp.status, resp.content_type) == (200, "text/html")
+        assert await resp.read() == b"<html>down</html>"
+    upstream.behaviour = Behaviour(raw_body=b"\x00\xff", raw_type=None)
+    async with session.post(url, json=_request(stream=stream)) as resp:
+        assert (resp.status, resp.content_type) == (200, "application/octet-stream")
+        assert await resp.read() == b"\x00\xff"
+
+
+async def test_unstreamed(upstream: FakeUpstream, session: aiohttp.ClientSession) -> None:
+    upstream.behaviour = Behaviour(unstreamed=True)
+    async with session.post(f"{upstream.base_url}/chat/completions", json=_request()) as resp:
+        assert resp.content_type == "application/json"
+        data = await resp.json()
+    assert data["object"] == "chat.completion"
+    assert data["choices"][0]["message"]["content"] == "Hello from fake upstream"
+    assert data["usage"]["completion_tokens"] == len(DEFAULT_TOKENS)
+
+
+async def test_usage_values(upstream: FakeUpstream, session: aiohttp.ClientSession) -> None:
+    values = {"prompt_tokens": "x", "completion_tokens": -1, "total_tokens": 1e25}
+    upstream.behaviour = Behaviour(usage_values=values)
+    frames = await _stream(session, upstream, stream_options={"include_usage": True})
+    assert orjson.loads(frames[-2])["usage"] == values
+    url = f"{upstream.base_url}/chat/completions"
+    async with session.post(url, json=_request(stream=False)) as resp:
+        assert (await resp.json())["usage"] == values

@@ -132,10 +132,14 @@ async def test_json_with_or_without_a_charset_is_served(
 async def test_an_empty_post_with_no_content_type_is_served(chatbus: Chatbus) -> None:
     """chatchat's webui POSTs with no body and no Content-Type: the route answers, not 415."""
     async with chatbus.http.post(
+        chatbus.url + "/server/configs", skip_auto_headers=["Content-Type"]
+    ) as r:
+        assert r.status == 200
+    async with chatbus.http.post(
         chatbus.url + "/chat/chat", skip_auto_headers=["Content-Type"]
     ) as r:
-        assert r.status == 400
-        assert (await r.json())["error"]["type"] == "invalid_json"
+        assert r.status == 422  # every field's default, and `query` has none
+        assert (await r.json())["error"]["field"] == "query"
 
 
 @pytest.mark.parametrize("encoding", ["deflate", "gzip", "br", "zstd", "x-unknown"])

@@ -402,6 +402,26 @@ async def test_malformed_frame_is_malformed_response(upstream: FakeUpstream, key
     assert "not JSON" in str(exc)
 
 
+async def test_random_bytes_are_malformed(upstream: FakeUpstream, key: str) -> None:
+    upstream.behaviour = Behaviour(raw_body=b"\x00\x01 garbage \xff\xfe\n\n", raw_type=None)
+    exc, pieces = await failure(provider_for(upstream))
+    assert type(exc) is MalformedResponse  # not retried, as a broken connection would be
+    assert pieces == []
+
+
+# Strings and floats litellm's own validation refuses (the stream then fails inside litellm);
+# negatives and huge numbers it lets through, and chatbus drops. ("7" and True litellm
+# turns into 7 and 1 before chatbus sees them.)
+@pytest.mark.parametrize("bad", ["x", 1e25, 1.5, -1, 2**60])
+@pytest.mark.filterwarnings("ignore:Pydantic serializer warnings:UserWarning")
+async def test_invalid_token_counts_are_dropped(upstream: FakeUpstream, key: str, bad: Any) -> None:
+    values = {"prompt_tokens": bad, "completion_tokens": 4, "total_tokens": 9}
+    upstream.behaviour = Behaviour(usage_values=values)
+    pieces, usages = await collect(provider_for(upstream))
+    assert pieces == list(DEFAULT_TOKENS)  # the answer stands
+    assert usages in ([], [Usage(prompt_tokens=None, completion_tokens=4)])
+
+
 async def test_error_event_mid_stream_carries_the_message(upstream: FakeUpstream, key: str) -> None:
     upstream.behaviour = Behaviour(error_event_after=2, fail_message="the GPU caught fire")
     exc, pieces = await failure(provider_for(upstream))
@@ -722,6 +742,35 @@ async def test_chat_through_chatbus_is_stored_with_usage(
     assert record.response == "".join(DEFAULT_TOKENS)
     assert record.usage == Usage(prompt_tokens=2, completion_tokens=4)
     assert completed[0].usage == record.usage  # type: ignore[attr-defined]
+
+
+async def test_answer_limits_apply_through_litellm(
+    start_chatbus: StartChatbus, upstream: FakeUpstream, key: str
+) -> None:
+    """The size and time limits are chatbus's own (core/turn.py): litellm's models have them."""
+    words = [f"w{i} " for i in range(10)]  # litellm refuses 100 chunks alike in a row
+    upstream.behaviour = Behaviour(endless=True, tokens=words)
+    models = {
+        "lite": lite(upstream, max_answer_chars=1000),
+        "slow": lite(upstream, answer_timeout_seconds=0.5),
+    }
+    chatbus = await start_chatbus(models=models)
+    too_long = await chatbus.chat(query="Hi", model_name="lite")
+    assert too_long.frames[-1]["error"]["type"] == "answer_too_long"
+    assert too_long.text == ("".join(words) * 34)[:999]  # 333 pieces: the next would pass
+    upstream.behaviour = Behaviour(endless=True, tokens=words, delay=0.05)
+    too_slow = await chatbus.chat(query="Hi", model_name="slow")
+    assert too_slow.frames[-1]["error"]["type"] == "upstream_timeout"
+    for stream, error in ((too_long, "answer_too_long"), (too_slow, "upstream_timeout")):
+        (message_id,) = stream.message_ids
+        record = await chatbus.store.get_message("default", message_id)
+        assert record is not None
+        assert (record.status, record.error, record.response) == (
+            Status.FAILED,
+            error,
+            stream.text,
+        )
+    assert len(upstream.received) == 2  # neither was retried
 
 
 async def test_upstream_failure_through_chatbus(

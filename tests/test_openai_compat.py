@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -474,6 +475,177 @@ async def test_error_given_as_a_plain_string(
     exc = await failure(make(http, base_url=base_url, model="m"))
     assert type(exc) is BadRequest
     assert str(exc) == "the upstream answered 404: model 'm' not found"
+
+
+# --- bodies that are not the event stream asked for ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"<!DOCTYPE html>\n<html><body>Welcome to nginx!</body></html>\n", "text/html"),
+        (b"<html><body>captive portal</body></html>", None),  # no type, no newline
+        (bytes(range(256)) * 4, None),  # random bytes, newlines among them
+        (b"\x89PNG\r\n\x1a\n" + bytes(200), "image/png"),
+        (b"<html>a proxy's page labelled as a stream</html>\n\n", "text/event-stream"),
+    ],
+)
+async def test_a_200_that_is_no_event_stream_is_malformed(
+    upstream: FakeUpstream, http: aiohttp.ClientSession, body: bytes, content_type: str | None
+) -> None:
+    upstream.behaviour = Behaviour(raw_body=body, raw_type=content_type)
+    exc = await failure(provider_for(upstream, http))
+    assert type(exc) is MalformedResponse
+    assert exc.retryable is False
+    assert "not an event stream" in str(exc)
+
+
+async def test_a_stream_turning_into_html_midway_is_malformed(
+    raw_upstream: ServeRaw, http: aiohttp.ClientSession
+) -> None:
+    base_url = await raw_upstream([piece("Hi"), b"<html><body>502</body></html>"])
+    pieces: list[str] = []
+    with pytest.raises(MalformedResponse):
+        async for item in make(http, base_url=base_url, model="m").stream(ModelCall(MESSAGES)):
+            pieces.append(item)  # type: ignore[arg-type]
+    assert pieces == ["Hi"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", ""])
+async def test_an_event_stream_with_another_type_is_read_by_its_content(
+    raw_upstream: ServeRaw, http: aiohttp.ClientSession, content_type: str
+) -> None:
+    frames = [piece("Hi"), piece("!", finish="stop"), b"data: [DONE]\n\n"]
+    base_url = await raw_upstream(frames, content_type=content_type)
+    pieces, _ = await collect(make(http, base_url=base_url, model="m"))
+    assert pieces == ["Hi", "!"]
+
+
+async def test_an_unstreamed_json_answer_is_that_one_answer(
+    upstream: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    upstream.behaviour = Behaviour(unstreamed=True, tokens=["One", " answer"])
+    items = [item async for item in provider_for(upstream, http).stream(ModelCall(MESSAGES))]
+    assert items == ["One answer", Usage(prompt_tokens=6, completion_tokens=2)]
+    assert upstream.received[0].body["stream"] is True  # it was asked to stream
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", ""])
+async def test_an_unstreamed_json_answer_with_another_type_is_read_by_its_content(
+    raw_upstream: ServeRaw, http: aiohttp.ClientSession, content_type: str
+) -> None:
+    answer = {
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"content": "Hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+    }
+    base_url = await raw_upstream([b"\n " + orjson.dumps(answer)], content_type=content_type)
+    items = [
+        item async for item in make(http, base_url=base_url, model="m").stream(ModelCall(MESSAGES))
+    ]
+    assert items == ["Hi", Usage(prompt_tokens=3, completion_tokens=1)]
+
+
+async def test_an_unstreamed_error_body_with_200_is_an_error(
+    upstream: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    upstream.behaviour = Behaviour(unstreamed=True, error_event_after=0, fail_message="overload")
+    exc = await failure(provider_for(upstream, http))
+    assert str(exc) == "the upstream reported an error: overload"
+
+
+@pytest.mark.parametrize(
+    "body", [b"{not json", b'{"choices": []}', b'{"object": "chat.completion"}', b"[1, 2]"]
+)
+async def test_an_unstreamed_body_that_is_no_answer_is_malformed(
+    raw_upstream: ServeRaw, http: aiohttp.ClientSession, body: bytes
+) -> None:
+    base_url = await raw_upstream([body], content_type="application/json")
+    exc = await failure(make(http, base_url=base_url, model="m"))
+    assert type(exc) is MalformedResponse
+
+
+# --- lines and bodies too long ------------------------------------------------------------
+
+
+async def test_a_line_that_never_ends_is_refused_at_the_limit(
+    upstream: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    upstream.behaviour = Behaviour(long_line=64 * 1024 * 1024)  # 64 MiB, no newline
+    provider = provider_for(upstream, http)  # the default limit: 1 MiB
+    pieces: list[str] = []
+    with pytest.raises(MalformedResponse) as info:
+        async for item in provider.stream(ModelCall(MESSAGES)):
+            pieces.append(item)  # type: ignore[arg-type]
+    assert str(info.value) == "the upstream sent a line longer than 1048576 bytes"
+    assert pieces == [DEFAULT_TOKENS[0]]
+    assert await upstream.wait_for_close(5.0)  # it stopped reading: the upstream is let go
+
+
+async def test_the_line_limit_is_an_option(
+    raw_upstream: ServeRaw, http: aiohttp.ClientSession
+) -> None:
+    long_piece = piece("x" * 5000, finish="stop")  # one whole line, in one read
+    base_url = await raw_upstream([long_piece, b"data: [DONE]\n\n"])
+    exc = await failure(make(http, base_url=base_url, model="m", max_line_bytes=4096))
+    assert str(exc) == "the upstream sent a line longer than 4096 bytes"
+    pieces, _ = await collect(make(http, base_url=base_url, model="m", max_line_bytes=8192))
+    assert pieces == ["x" * 5000]
+
+
+async def test_an_unstreamed_answer_longer_than_the_line_limit_is_refused(
+    upstream: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    upstream.behaviour = Behaviour(unstreamed=True, tokens=["y" * 10_000])
+    exc = await failure(provider_for(upstream, http, max_line_bytes=4096))
+    assert str(exc) == "the upstream sent a JSON answer longer than 4096 bytes"
+
+
+def test_the_line_limit_must_be_positive(http: aiohttp.ClientSession) -> None:
+    with pytest.raises(ValidationError):
+        make(http, base_url="http://127.0.0.1:1/v1", model="m", max_line_bytes=0)
+
+
+# --- usage values -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["x", "7", -1, 1e25, 2.0, True, 2**60, [3], {"n": 1}])
+@pytest.mark.parametrize("unstreamed", [False, True])
+async def test_invalid_token_counts_are_dropped(
+    upstream: FakeUpstream, http: aiohttp.ClientSession, bad: Any, unstreamed: bool
+) -> None:
+    values = {"prompt_tokens": bad, "completion_tokens": 4, "total_tokens": "lots"}
+    upstream.behaviour = Behaviour(usage_values=values, unstreamed=unstreamed)
+    pieces, usages = await collect(provider_for(upstream, http))
+    assert "".join(pieces) == "".join(DEFAULT_TOKENS)
+    assert usages == [Usage(prompt_tokens=None, completion_tokens=4)]
+
+
+async def test_dropped_counts_make_one_log_line_without_their_values(
+    upstream: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    values = {"prompt_tokens": "sk-like " * 1000, "completion_tokens": -3}
+    upstream.behaviour = Behaviour(usage_values=values)
+    with structlog.testing.capture_logs() as logs:
+        _, usages = await collect(provider_for(upstream, http))
+    assert usages == []
+    assert logs == [
+        {
+            "event": "invalid token counts dropped",
+            "log_level": "warning",
+            "dropped": {"prompt_tokens": "str", "completion_tokens": "int"},
+        }
+    ]
+
+
+@pytest.mark.parametrize("usage", ["12 tokens", 12, [1, 2], {"prompt_tokens": -5}])
+async def test_a_usage_with_no_valid_count_is_none(
+    raw_upstream: ServeRaw, http: aiohttp.ClientSession, usage: Any
+) -> None:
+    frames = [piece("Hi", finish="stop"), frame({"choices": [], "usage": usage})]
+    base_url = await raw_upstream([*frames, b"data: [DONE]\n\n"])
+    pieces, usages = await collect(make(http, base_url=base_url, model="m"))
+    assert (pieces, usages) == (["Hi"], [])
 
 
 # --- the key never leaks ------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,8 +14,9 @@ from openai import AsyncOpenAI
 from core.auth import digest
 from core.events import ChatCompleted
 from core.history import Status, StoreUnavailable
+from core.providers import Usage
 from tests.conftest import Chatbus, StartChatbus
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import Behaviour, FakeUpstream
 
 USER = {"role": "user", "content": "one two three"}
 
@@ -370,3 +372,79 @@ async def test_errors_outside_the_routes_are_in_openai_s_shape(
             "code": 404,
             "msg": "Not Found",
         }
+
+
+# --- the answer's limits, and the upstream's usage ------------------------------------------
+
+
+async def test_an_endless_answer_stops_at_its_size_limit(
+    start_chatbus: StartChatbus, upstream: FakeUpstream
+) -> None:
+    upstream.behaviour = Behaviour(endless=True, tokens=["w0 ", "w1 "])
+    chatbus = await start_chatbus(models={"fake": {"max_answer_chars": 1000}})
+    async with asyncio.timeout(30):
+        _, *answer, error, done = await raw_stream(chatbus, {"model": "fake", "messages": [USER]})
+    text = "".join(frame["choices"][0]["delta"]["content"] for frame in answer)
+    assert text == "w0 w1 " * 166 + "w0 "
+    assert error["error"]["code"] == "answer_too_long"
+    assert done == "[DONE]"
+    message_id = answer[0]["id"].removeprefix("chatcmpl-")
+    record = await chatbus.store.get_message("default", message_id)
+    assert record is not None
+    assert (record.status, record.error, record.response) == (
+        Status.FAILED,
+        "answer_too_long",
+        text,
+    )
+    (failed,) = await chatbus.events.wait_for("chat_failed")
+    assert failed.error_type == "answer_too_long"  # type: ignore[attr-defined]
+
+    async with (
+        asyncio.timeout(30),
+        chatbus.post("/v1/chat/completions", {"model": "fake", "messages": [USER]}) as response,
+    ):
+        assert response.status == 502
+        body = await response.json()
+    assert body["error"]["code"] == "answer_too_long"
+    assert body["chatbus"]["text"] == text
+    assert len(upstream.received) == 2
+
+
+async def test_an_endless_answer_stops_at_its_time_limit(
+    start_chatbus: StartChatbus, upstream: FakeUpstream
+) -> None:
+    upstream.behaviour = Behaviour(endless=True, tokens=["w0 ", "w1 "], delay=0.02)
+    chatbus = await start_chatbus(chat={"answer_timeout_seconds": 0.5})
+    async with asyncio.timeout(30):
+        *_, error, done = await raw_stream(chatbus, {"model": "fake", "messages": [USER]})
+    assert (error["error"]["code"], done) == ("upstream_timeout", "[DONE]")
+    (failed,) = await chatbus.events.wait_for("chat_failed")
+    record = await chatbus.store.get_message("default", failed.message_id)
+    assert record is not None
+    assert (record.status, record.error) == (Status.FAILED, "upstream_timeout")
+
+
+@pytest.mark.parametrize("bad", ["x", -1, 1e25, True, 2**60])
+async def test_invalid_upstream_token_counts_are_not_sent_on(
+    chatbus: Chatbus, client: AsyncOpenAI, upstream: FakeUpstream, bad: Any
+) -> None:
+    upstream.behaviour = Behaviour(usage_values={"prompt_tokens": bad, "completion_tokens": 4})
+    completion = await client.chat.completions.create(model="fake", messages=[USER])
+    assert completion.choices[0].message.content == "Hello from fake upstream"
+    assert completion.usage is not None
+    assert completion.usage.model_dump() == {
+        "prompt_tokens": 0,  # unknown
+        "completion_tokens": 4,
+        "total_tokens": 4,
+        "completion_tokens_details": None,
+        "prompt_tokens_details": None,
+    }
+    frames = await raw_stream(
+        chatbus,
+        {"model": "fake", "messages": [USER], "stream_options": {"include_usage": True}},
+    )
+    assert frames[-2]["usage"] == {"prompt_tokens": 0, "completion_tokens": 4, "total_tokens": 4}
+    message_id = frames[0]["id"].removeprefix("chatcmpl-")
+    record = await chatbus.store.get_message("default", message_id)
+    assert record is not None
+    assert record.usage == Usage(prompt_tokens=None, completion_tokens=4)

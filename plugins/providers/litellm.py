@@ -17,11 +17,12 @@ import logging
 import os
 import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import ModuleType
 from typing import Any
 
 import aiohttp
+import pydantic
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -167,20 +168,27 @@ class LiteLLMProvider:
         to_the_end = self._callbacks or _callbacks_configured(litellm)
         response = None
         usage = None
+        finished = False
         try:
             response = await litellm.acompletion(**kwargs)
             async for chunk in response:
                 choices = chunk.choices
                 if choices:
-                    content = choices[0].delta.content
+                    choice = choices[0]
+                    content = choice.delta.content
                     if content:
                         yield content
+                    finished = finished or bool(choice.finish_reason)
                 found = getattr(chunk, "usage", None)
                 if found is not None:
                     usage = found
                     if not choices and not to_the_end:
                         break
         except Exception as exc:
+            if finished and _found_in_chain(exc, _is_usage_error):
+                # litellm refused the counts after the answer finished: the answer stands.
+                log.warning("invalid usage dropped", error=type(exc).__name__)
+                return
             error = provider_error(exc)
             if error is None:
                 raise  # not litellm's: a bug, which the chat service logs whole
@@ -191,8 +199,9 @@ class LiteLLMProvider:
                 # the client went away or the answer ended at its usage (litellm closes it
                 # itself when read to the end, or on an error).
                 await response.aclose()
-        if usage is not None:
-            yield Usage(usage.prompt_tokens, usage.completion_tokens)
+        counts = Usage.of(usage)
+        if counts is not None:
+            yield counts
 
 
 def _callbacks_configured(litellm: ModuleType) -> bool:
@@ -291,10 +300,20 @@ def _rate_limited(text: str, exc: BaseException) -> RateLimited:
 
 
 def _json_error_in_chain(exc: BaseException) -> bool:
+    """Whether the upstream sent bytes that are not JSON (or not even UTF-8)."""
+    return _found_in_chain(exc, lambda e: isinstance(e, json.JSONDecodeError | UnicodeDecodeError))
+
+
+def _is_usage_error(exc: BaseException) -> bool:
+    """litellm's own validation of the upstream's token counts (a string, a float)."""
+    return isinstance(exc, pydantic.ValidationError) and exc.title == "Usage"
+
+
+def _found_in_chain(exc: BaseException, match: Callable[[BaseException], bool]) -> bool:
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, json.JSONDecodeError):
+        if match(current):
             return True
         seen.add(id(current))
         following = current.__cause__ or current.__context__

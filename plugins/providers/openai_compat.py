@@ -33,6 +33,9 @@ from core.providers import (
 )
 
 log = structlog.get_logger("chatbus.openai_compat")
+EVENT_STREAM = "text/event-stream"
+# What the other lines of an event stream begin with (`\r`: a blank line ended by CRLF).
+OTHER_SSE_LINES = (b":", b"event:", b"id:", b"retry:", b"\r")
 
 
 class OpenAICompatOptions(BaseModel):
@@ -46,6 +49,9 @@ class OpenAICompatOptions(BaseModel):
     total_timeout: float | None = Field(None, gt=0)
     include_usage: bool = Field(True, description="ask for usage (stream_options)")
     extra_body: dict[str, Any] = Field({}, description="more request fields, e.g. top_p")
+    max_line_bytes: int = Field(
+        1 << 20, gt=0, description="longest line of the stream, or unstreamed JSON answer"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -108,15 +114,27 @@ class OpenAICompatProvider:
             ) as response:
                 if response.status != 200:
                     raise await _status_error(response)
+                max_line = self.options.max_line_bytes
+                reads, unstreamed = await _body_of(response)
+                if unstreamed:
+                    for item in _completion(await _whole(reads, max_line)):
+                        yield item
+                    return
                 finished = False
                 pending = b""
                 # Take whatever has arrived, not line by line: one await per network read.
-                async for received in response.content.iter_any():
-                    lines = (pending + received).split(b"\n")
+                async for received in reads:
+                    buffer = pending + received
+                    lines = buffer.split(b"\n")
                     pending = lines.pop()  # an incomplete last line waits for the rest
+                    if len(buffer) > max_line:  # only then can a line be too long
+                        _check_lengths(lines, pending, max_line)
                     for line in lines:
                         if not line.startswith(b"data:"):
-                            continue  # blank separators, `:` comments, `event:` lines
+                            # blank separators, `:` comments, `event:` lines; not HTML
+                            if line and not line.startswith(OTHER_SSE_LINES):
+                                raise _not_an_event_stream(line)
+                            continue
                         data = line[5:].strip()
                         if data == b"[DONE]":
                             return
@@ -133,9 +151,11 @@ class OpenAICompatProvider:
                             raise _error_from_body(0, chunk["error"])
                         usage = chunk.get("usage")
                         if usage:
-                            yield Usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
-                if not finished and pending[5:].strip() != b"[DONE]":
-                    raise UpstreamUnavailable("the upstream ended the stream before finishing")
+                            found = Usage.of(usage)
+                            if found is not None:
+                                yield found
+                if not finished:
+                    _check_last_line(pending)
         except ProviderError as exc:
             raise redacted(exc, headers.get("Authorization", "").removeprefix("Bearer ")) from None
         except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
@@ -152,6 +172,74 @@ class OpenAICompatProvider:
             ) from None
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(f"upstream request failed: {exc}") from None
+
+
+async def _body_of(response: aiohttp.ClientResponse) -> tuple[AsyncIterator[bytes], bool]:
+    """The reads of a 200 answer, and whether it is one JSON answer (an upstream that does
+    not stream) rather than the event stream asked for: by its Content-Type, or, when that
+    names neither, by its first bytes. Neither (an HTML page, random bytes) is malformed."""
+    reads = response.content.iter_any()
+    kind = response.content_type  # application/octet-stream when the header is missing
+    if kind == EVENT_STREAM:
+        return reads, False
+    if kind == "application/json" or kind.endswith("+json"):
+        return reads, True
+    first = await response.content.readany()
+    start = first.lstrip()
+    if start.startswith(b"{"):
+        unstreamed = True
+    elif not start or start.startswith((b"data:", *OTHER_SSE_LINES)):
+        unstreamed = False
+    else:
+        raise _not_an_event_stream(start, kind)
+    return _after(first, reads), unstreamed
+
+
+async def _after(first: bytes, reads: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for received in reads:
+        yield received
+
+
+async def _whole(reads: AsyncIterator[bytes], limit: int) -> bytes:
+    body = bytearray()
+    async for received in reads:
+        body += received
+        if len(body) > limit:
+            raise MalformedResponse(f"the upstream sent a JSON answer longer than {limit} bytes")
+    return bytes(body)
+
+
+def _completion(body: bytes) -> list[str | Usage]:
+    """The text and usage of one unstreamed answer (a `chat.completion`): a whole answer."""
+    answer = _parse(body)
+    if "error" in answer and not answer.get("choices"):
+        raise _error_from_body(0, answer["error"])
+    content = answer["choices"][0]["message"].get("content")
+    usage = Usage.of(answer.get("usage"))
+    return [item for item in (content, usage) if item]
+
+
+def _check_lengths(lines: list[bytes], pending: bytes, limit: int) -> None:
+    """A line that never ends (or a huge one) is refused before it takes the memory."""
+    if len(pending) > limit or any(len(line) > limit for line in lines):
+        raise MalformedResponse(f"the upstream sent a line longer than {limit} bytes")
+
+
+def _check_last_line(pending: bytes) -> None:
+    """A stream that ended without a finish reason: well if its last line (with no newline
+    after it) is [DONE]; else malformed if that line is no event stream's, else broken off."""
+    if pending.startswith(b"data:") and pending[5:].strip() == b"[DONE]":
+        return
+    if pending.strip() and not pending.startswith((b"data:", *OTHER_SSE_LINES)):
+        raise _not_an_event_stream(pending)
+    raise UpstreamUnavailable("the upstream ended the stream before finishing")
+
+
+def _not_an_event_stream(line: bytes, kind: str = EVENT_STREAM) -> MalformedResponse:
+    return MalformedResponse(
+        f"the upstream answered 200 with a body that is not an event stream ({kind}): {line[:80]!r}"
+    )
 
 
 def _parse(data: bytes) -> dict[str, Any]:
