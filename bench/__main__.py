@@ -2,7 +2,9 @@
 
 Starts two fake upstreams (fast: no delay; slow: a token every 50 ms) and chatbus against
 them, drives each path from a separate load process (`bench.load`), samples chatbus's RSS,
-and writes the side-by-side table (markdown) and the raw numbers (JSON, next to it). Then
+and writes the side-by-side table (markdown) and the raw numbers (JSON, next to it). chatbus
+is driven through both its streaming routes, the same model behind each: `/chat/chat`
+(chatchat's, one write a frame) and `/v1/chat/completions` (OpenAI's, bursts joined). Then
 the litellm path: a second chatbus whose only model is litellm's (`openai/fake-model` at the
 fast upstream, so its start-up includes the import), against litellm called directly in the
 load process. Loopback only; every child is killed on the way out, Ctrl-C included.
@@ -40,7 +42,7 @@ from bench.procs import (
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.md"
-DIRECT, CHATBUS = report.DIRECT, report.CHATBUS
+DIRECT, CHATBUS, CHATBUS_V1 = report.DIRECT, report.CHATBUS, report.CHATBUS_V1
 LITELLM_DIRECT, CHATBUS_LITELLM = report.LITELLM_DIRECT, report.CHATBUS_LITELLM
 LITELLM_AT_USAGE = report.LITELLM_AT_USAGE
 LITELLM_KEY_ENV = "BENCH_LITELLM_API_KEY"  # the fake upstream takes any key; litellm wants one
@@ -138,9 +140,13 @@ class Bench:
     def seq(
         self, routes: dict[str, tuple[str, str]], count: int, warmup: int, cap: float
     ) -> dict[str, Any]:
-        """Sequential latency of several paths taken in turns (see `bench.load`), by path."""
+        """Sequential latency of several paths taken in turns (see `bench.load`), by path;
+        each path's paired ratios by the other paths' names (`ratio_to`)."""
         tokens = self.counts.tokens
         out = self._load("seq", list(routes.values()), tokens, count, warmup=warmup, cap=cap)
+        for run in out["paths"]:
+            ratios = zip(routes, run.pop("ratio_to_each"), strict=True)
+            run["ratio_to"] = {key: ratio for key, ratio in ratios if ratio is not None}
         return dict(zip(routes, out["paths"], strict=True))
 
     def rate(
@@ -221,17 +227,19 @@ def run(counts: Counts, procs: Procs, deadline: Deadline, tmp: Path) -> dict[str
     time.sleep(0.5)
     rest = rss_kb(proc.pid)
 
-    # path -> (kind, URL) for the fast answers, then for the slow streams
+    # path -> (kind, URL) for the fast answers, then for the slow streams. /v1 comes last in
+    # the runs one path at a time, so /chat/chat's (which the targets judge) run as before.
     routes = {
         DIRECT: (("direct", fast_url), ("direct", slow_url)),
         CHATBUS: (("chatbus:fast", chatbus_url), ("chatbus:slow", chatbus_url)),
+        CHATBUS_V1: (("chatbus-v1:fast", chatbus_url), ("chatbus-v1:slow", chatbus_url)),
     }
-    paths: dict[str, dict[str, Any]] = {DIRECT: {}, CHATBUS: {}}
+    paths: dict[str, dict[str, Any]] = {key: {} for key in routes}
     fast_routes = {key: fast for key, (fast, _) in routes.items()}
     for key, run in bench.seq(fast_routes, c.seq_count, c.seq_warmup, cap=90.0).items():
         paths[key]["seq"] = run
     for key, ((kind, url), _) in routes.items():
-        paths[key].update(bench.rate(kind, url, c.rate_count, proc.pid, fast_pid, key == CHATBUS))
+        paths[key].update(bench.rate(kind, url, c.rate_count, proc.pid, fast_pid, key != DIRECT))
 
     slow: dict[str, dict[str, Any]] = {}
     stream_s = c.slow_tokens * c.slow_gap_ms / 1000
@@ -251,7 +259,7 @@ def run(counts: Counts, procs: Procs, deadline: Deadline, tmp: Path) -> dict[str
             )
         window = result["all_open_wall"], result["first_end_wall"]
         result["cpu_cores"] = sampler.cores(*window)
-        if key == CHATBUS:
+        if key != DIRECT:
             open_kb = sampler.peak_rss(*window)
             result["rss_rest_kb"] = before_kb
             result["rss_open_kb"] = open_kb

@@ -1,18 +1,20 @@
 """The load generator, a process of its own: drives one path and prints one JSON object.
 
-    python -m bench.load seq     --kind direct|litellm|litellm:at-usage|chatbus:MODEL --url URL
-                                 [--kind ... --url ...] --tokens N --count N --warmup N
+    python -m bench.load seq     --kind direct|litellm|litellm:at-usage|chatbus:MODEL
+                                        |chatbus-v1:MODEL --url URL [--kind ... --url ...]
+                                 --tokens N --count N --warmup N
                                  (several paths: one answer from each in turn, round after round)
     python -m bench.load rate    --kind ... --count N --concurrency C
     python -m bench.load streams --kind ... --count N   (all open at once, frame gaps measured)
 
 `--url` is the upstream's base URL (`.../v1`) for `direct` and `litellm`, chatbus's root for
-`chatbus:MODEL`. `litellm` is litellm called in this process (`litellm.acompletion`, streamed,
-read to its end), the floor of chatbus's litellm path; `litellm:at-usage` reads it as chatbus
-does, up to the usage chunk (litellm's success logging skipped). An answer counts only if
-it is whole: status 200,
-exactly `--tokens` content frames, the end of the stream (`[DONE]` then EOF direct, EOF
-through chatbus, litellm's end) and no error frame.
+`chatbus:MODEL` (`POST /chat/chat`, chatchat's route) and `chatbus-v1:MODEL` (`POST
+/v1/chat/completions`, OpenAI's). `litellm` is litellm called in this process
+(`litellm.acompletion`, streamed, read to its end), the floor of chatbus's litellm path;
+`litellm:at-usage` reads it as chatbus does, up to the usage chunk (litellm's success logging
+skipped). An answer counts only if it is whole: status 200, exactly `--tokens` content frames,
+the end of the stream (`[DONE]` then EOF direct and on /v1, EOF on /chat/chat, litellm's end)
+and no error frame.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class BadAnswer(Exception):
 class Target:
     """Where one path's requests go and what a whole answer looks like there."""
 
-    direct: bool
+    openai: bool  # OpenAI's chunks ended by [DONE] (upstream, /v1), else chatchat's frames
     url: str
     body: bytes
     tokens: int
@@ -71,6 +73,9 @@ class Target:
                 "stream_options": {"include_usage": True},
             }
             return cls(True, f"{url.rstrip('/')}/chat/completions", orjson.dumps(body), tokens)
+        if kind.startswith("chatbus-v1:"):  # chatbus's OpenAI route, with its own model name
+            body = {"model": kind.removeprefix("chatbus-v1:"), "messages": MESSAGES, "stream": True}
+            return cls(True, f"{url.rstrip('/')}/v1/chat/completions", orjson.dumps(body), tokens)
         body = {"query": QUERY, "stream": True, "model_name": kind.removeprefix("chatbus:")}
         return cls(False, f"{url.rstrip('/')}/chat/chat", orjson.dumps(body), tokens)
 
@@ -112,20 +117,19 @@ async def chat(
         async for line in r.content:
             if not line.startswith(b"data:"):
                 continue
-            if target.direct:
-                if line.startswith(b"data: [DONE]"):
-                    done = True
-                    continue
-                if b'"content"' not in line:
-                    continue  # the finish_reason and usage chunks
-            elif b'"error"' in line:
+            if target.openai and line.startswith(b"data: [DONE]"):
+                done = True
+                continue
+            if b'"error"' in line:
                 raise BadAnswer(f"error frame: {line[:200]!r}")
+            if target.openai and (b'"content"' not in line or b'"content":""' in line):
+                continue  # the finish_reason and usage chunks; /v1's opening role chunk
             frames += 1
             if stamps is not None:
                 stamps.append(clock())
                 if frames == 1 and on_first is not None:
                     on_first()
-    if target.direct and not done:
+    if target.openai and not done:
         raise BadAnswer("the stream ended without [DONE]")
     if frames != target.tokens:
         raise BadAnswer(f"{frames} content frames, expected {target.tokens}")
@@ -237,7 +241,8 @@ async def seq(args: argparse.Namespace, targets: list[Target]) -> dict[str, Any]
     Several paths take turns: a round is one answer from each, in an order that rotates, so
     whatever else the machine does meanwhile falls on every path alike. Each path after the
     first also gets `ratio_to_first`: the median, over the rounds, of its latency divided by
-    the first path's in the same round."""
+    the first path's in the same round; every path gets `ratio_to_each`, the same against
+    each path in order (None against itself)."""
     timeout = aiohttp.ClientTimeout(total=args.timeout, sock_connect=5)
     n = len(targets)
     errors = [Errors() for _ in targets]
@@ -254,15 +259,21 @@ async def seq(args: argparse.Namespace, targets: list[Target]) -> dict[str, Any]
                 if await attempt(s, targets[i], timeout, errors[i]):
                     latencies[i] = (time.perf_counter() - started) * 1000
             rounds.append(latencies)
+
+    def paired(i: int, j: int) -> float | None:
+        """The median over the rounds of path i's latency over path j's; None if i is j."""
+        ratios = [row[i] / row[j] for row in rounds if row[i] is not None and row[j]]
+        return statistics.median(ratios) if i != j and ratios else None
+
     paths = []
     for i in range(n):
-        ratios = [row[i] / row[0] for row in rounds if row[i] is not None and row[0]]
         paths.append(
             {
                 "count": args.count,
                 "warmup": args.warmup,
                 "latency_ms": summary([row[i] for row in rounds if row[i] is not None]),
-                "ratio_to_first": statistics.median(ratios) if i and ratios else None,
+                "ratio_to_first": paired(i, 0),
+                "ratio_to_each": [paired(i, j) for j in range(n)],
                 "errors": errors[i].json(),
                 "warmup_errors": warmup_errors[i].json(),
             }
@@ -367,7 +378,8 @@ ONE_PATH = {"rate": rate, "streams": streams}  # seq takes one path or several
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__)
     parser.add_argument("mode", choices=["seq", *ONE_PATH])
-    kinds = "direct, litellm, litellm:at-usage or chatbus:<model_name>; seq takes several"
+    kinds = "direct, litellm, litellm:at-usage, chatbus:<model> (/chat/chat) or chatbus-v1:<model>"
+    kinds += " (/v1/chat/completions); seq takes several"
     parser.add_argument("--kind", required=True, action="append", help=kinds)
     parser.add_argument("--url", required=True, action="append", help="one per --kind")
     parser.add_argument("--tokens", type=int, required=True, help="content frames per answer")
