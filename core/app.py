@@ -22,7 +22,7 @@ from core import auth, guards, routes
 from core.bus import EventBus
 from core.chat import ChatService
 from core.config import Config, ConfigError, first_problem
-from core.history import HistoryStore, StoreUnavailable
+from core.history import HistoryStore
 from core.keys import CONFIG, METRICS, PLUGINS, SERVICE
 from core.plugins import history_store_factories, make_plugin_manager, provider_factories
 from core.registry import ModelRegistry
@@ -79,7 +79,6 @@ async def open_service(
         await models.open()
         stack.push_async_callback(store.close)
         await store.open()
-        await _sweep_interrupted(store, config.history.sweep_after_seconds)
         service = ChatService(
             config=config,
             models=models,
@@ -88,6 +87,7 @@ async def open_service(
             bus=EventBus(pm, config.events.timeout_seconds),
             hooks=pm.hook,
         )
+        await service.end_interrupted(time.time() - config.history.sweep_after_seconds)
         try:
             yield service
         finally:
@@ -107,15 +107,3 @@ def make_store(config: Config, pm: pluggy.PluginManager) -> HistoryStore:
         raise ConfigError(first_problem(exc, f"history.{backend}")) from None
     except ValueError as exc:
         raise ConfigError(f"history.{backend}: {exc}") from None
-
-
-async def _sweep_interrupted(store: HistoryStore, after_seconds: float) -> None:
-    """Turns a crash left `streaming` are marked `interrupted`, so history never shows them
-    as still running."""
-    try:
-        swept = await store.mark_interrupted(time.time() - after_seconds)
-    except StoreUnavailable as exc:
-        log.warning("could not sweep interrupted turns: the store is unavailable", error=str(exc))
-        return
-    if swept:
-        log.info("marked interrupted turns", count=swept)

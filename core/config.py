@@ -110,6 +110,9 @@ class ChatConfig(Section):
     # Every model's limits, unless the model sets its own (same keys on [models.<name>]).
     max_answer_chars: int = Field(DEFAULT_ANSWER_CHARS, gt=0, le=MAX_ANSWER_CHARS)
     answer_timeout_seconds: float = Field(DEFAULT_ANSWER_SECONDS, gt=0)
+    # A streaming turn's answer so far is stored this often (0: never), so that a crash
+    # keeps what the client saw; a turn shorter than this costs nothing.
+    checkpoint_seconds: float = Field(5.0, ge=0)
     # Async chats: a request's `callback_url` must name one of these (no SSRF): `host`,
     # `host:port`, `[v6]` or `[v6]:port`; a bare host allows only its scheme's default port
     # (80 for http, 443 for https). The answer is delivered there signed with the secret(s)

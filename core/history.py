@@ -17,7 +17,7 @@ class Status(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    INTERRUPTED = "interrupted"  # left `streaming` by a crash; marked at the next start-up
+    INTERRUPTED = "interrupted"  # left `streaming` by a crash; ended at the next start-up
 
 
 # Turns a model reads back as history: answered, or cut short by the client (what it saw).
@@ -122,9 +122,13 @@ class HistoryStore(Protocol):
         """Delete a conversation's turns; how many there were."""
         ...
 
-    async def mark_interrupted(self, started_before: float) -> int:
-        """Mark turns still `streaming` that started before this time (wall clock) as
-        `interrupted`; how many. Run at start-up."""
+    async def save_partial(self, message_id: str, response: str) -> None:
+        """The answer so far of a turn still `streaming` (a checkpoint: a crash keeps it); a
+        turn that has ended is left as it is."""
+
+    async def streaming_turns(self, started_before: float, limit: int) -> list[MessageRecord]:
+        """Up to `limit` turns still `streaming` that started before this time (wall clock),
+        the oldest first: at start-up, the turns a crash left unfinished."""
         ...
 
     # The outbox (core/outbox.py)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import aclosing
+from contextlib import AbstractContextManager, aclosing, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -88,7 +88,8 @@ class ChatTurn:
         deadline = asyncio.timeout(seconds)
         try:
             async with deadline:
-                await self._try_models(answer, send)
+                with self._checkpoints(answer):
+                    await self._try_models(answer, send)
         except TimeoutError:
             if not deadline.expired():
                 raise
@@ -158,6 +159,21 @@ class ChatTurn:
             log.exception("provider crashed", model=answer.model, message_id=self.message_id)
             raise ProviderError(f"the provider failed: {type(exc).__name__}") from None
 
+    def _checkpoints(self, answer: _Answer) -> AbstractContextManager[object]:
+        interval = self._service.config.checkpoint_seconds
+        if not interval:
+            return nullcontext()
+        return _Checkpoints(answer, interval, self._save_partial)
+
+    def _save_partial(self, text: str) -> None:
+        self._service.spawn(self._store_partial(text))
+
+    async def _store_partial(self, text: str) -> None:
+        try:
+            await self._service.store.save_partial(self.message_id, text)
+        except Exception as exc:  # a checkpoint missed is not an answer lost: the end is stored
+            log.warning("could not checkpoint the answer", error=repr(exc))
+
     def _size_limit(self, route: Route) -> int:
         own = route.max_answer_chars
         return self._service.config.max_answer_chars if own is None else own
@@ -206,3 +222,33 @@ class _Answer:
     parts: list[str] = field(default_factory=list)
     usage: Usage | None = None
     first: float | None = None
+
+
+class _Checkpoints:
+    """While a turn streams, hands its answer so far to `save` every `interval` seconds (when
+    it grew), so that a crash keeps what the client saw, up to the last checkpoint. A timer,
+    not a check per delta: nothing on the hot path, and a turn shorter than one interval
+    costs one timer."""
+
+    def __init__(self, answer: _Answer, interval: float, save: Callable[[str], None]) -> None:
+        self._answer = answer
+        self._interval = interval
+        self._save = save
+        self._saved = 0  # parts already handed over
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __enter__(self) -> _Checkpoints:
+        self._timer = self._loop.call_later(self._interval, self._due)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _due(self) -> None:
+        parts = self._answer.parts
+        if len(parts) > self._saved:
+            self._saved = len(parts)
+            self._save("".join(parts))
+        self._timer = self._loop.call_later(self._interval, self._due)

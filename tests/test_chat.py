@@ -4,6 +4,7 @@ validation, what reaches the upstream, and the lifecycle events."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from typing import Any
 
@@ -599,3 +600,43 @@ async def test_the_time_limit_covers_the_retries(
     assert (status, body["error"]["type"], body["text"]) == (502, "upstream_timeout", "")
     assert 1 <= len(upstream.received) < 11
     await failed_record(chatbus, body["message_id"])
+
+
+# --- checkpoints of a streaming answer (core/turn.py) ---------------------------------------
+
+
+async def test_a_streaming_answer_is_checkpointed_as_it_goes(start_chatbus: StartChatbus) -> None:
+    chatbus = await start_chatbus(
+        chat={"checkpoint_seconds": 0.05},
+        models={"echo": {"provider": "echo", "delay": 0.05}},
+    )
+    words = [f"w{i} " for i in range(30)]
+    seen = ""
+    async with chatbus.post("/chat/chat", {"query": "".join(words), "stream": True}) as r:
+        async for line in r.content:
+            if line.startswith(b"data: "):
+                frame = json.loads(line[6:])
+                seen += frame["text"]
+                if len(seen) >= len("".join(words[:10])):
+                    break  # a third of the answer: look at what is stored meanwhile
+        async with asyncio.timeout(5):
+            while True:
+                record = await chatbus.store.get_message("default", frame["message_id"])
+                assert record is not None and record.status is Status.STREAMING
+                if record.response:
+                    break
+                await asyncio.sleep(0.02)
+    assert seen.startswith(record.response)  # what the client saw, up to a checkpoint
+
+
+async def test_no_checkpoint_when_they_are_off(start_chatbus: StartChatbus) -> None:
+    chatbus = await start_chatbus(
+        chat={"checkpoint_seconds": 0}, models={"echo": {"provider": "echo", "delay": 0.05}}
+    )
+    query = " ".join(f"w{i}" for i in range(30))
+    async with chatbus.post("/chat/chat", {"query": query, "stream": True}) as r:
+        line = await r.content.readline()
+        message_id = json.loads(line[6:])["message_id"]
+        await asyncio.sleep(0.3)  # what would be several checkpoints of 0.05 s
+        record = await chatbus.store.get_message("default", message_id)
+    assert record is not None and (record.status, record.response) == (Status.STREAMING, "")

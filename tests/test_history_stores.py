@@ -346,19 +346,32 @@ async def test_delete_a_conversation(store: HistoryStore) -> None:
     assert await store.delete_conversation("default", "gone") == 0
 
 
-async def test_mark_interrupted_sweeps_old_streaming_turns(store: HistoryStore) -> None:
+async def test_streaming_turns_are_the_old_unfinished_ones(store: HistoryStore) -> None:
     await store.add_message(record("old", created_at=1000.0))
+    await store.add_message(record("older", created_at=900.0))
     await store.add_message(record("new", created_at=3000.0))
     await add_turn(store, "done", "q", "r", created_at=1000.0)
-    assert await store.mark_interrupted(2000.0) == 1
-    statuses = {m: (await store.get_message("default", m)).status  # type: ignore[union-attr]
-                for m in ("old", "new", "done")}  # fmt: skip
-    assert statuses == {
-        "old": Status.INTERRUPTED,
-        "new": Status.STREAMING,
-        "done": Status.COMPLETED,
-    }
-    assert await store.mark_interrupted(2000.0) == 0
+    found = await store.streaming_turns(2000.0, 10)
+    assert [turn.message_id for turn in found] == ["old", "older"]  # in the order stored
+    assert [turn.message_id for turn in await store.streaming_turns(2000.0, 1)] == ["old"]
+    outcome = Outcome("so far", Status.INTERRUPTED, None, 1.0, "interrupted")
+    await store.finish_message("old", outcome)
+    assert [turn.message_id for turn in await store.streaming_turns(2000.0, 10)] == ["older"]
+
+
+async def test_a_checkpoint_keeps_the_answer_so_far_of_a_streaming_turn(
+    store: HistoryStore,
+) -> None:
+    await store.add_message(record("m1"))
+    await store.save_partial("m1", "the answer so")
+    found = await store.get_message("default", "m1")
+    assert found is not None and (found.response, found.status) == ("the answer so", "streaming")
+    (listed,) = await store.streaming_turns(2e9, 10)
+    assert listed.response == "the answer so"
+    await store.finish_message("m1", Outcome("the answer so far", Status.COMPLETED, None, 1.0))
+    await store.save_partial("m1", "a late checkpoint")  # an ended turn is left as it is
+    found = await store.get_message("default", "m1")
+    assert found is not None and found.response == "the answer so far"
 
 
 async def test_concurrent_turns_in_one_conversation(store: HistoryStore) -> None:

@@ -56,9 +56,9 @@ class FlakyStore(SqliteStore):
             raise StoreUnavailable("switched off by the test")
         await super().finish_message(message_id, outcome, deliveries)
 
-    async def mark_interrupted(self, started_before: float) -> int:
+    async def streaming_turns(self, started_before: float, limit: int) -> list[MessageRecord]:
         self._check()
-        return await super().mark_interrupted(started_before)
+        return await super().streaming_turns(started_before, limit)
 
 
 class Flaky:
@@ -175,21 +175,36 @@ async def test_an_answer_never_stored_is_logged_whole_at_shutdown(
     assert last["log_level"] == "error"
 
 
-async def test_turns_left_streaming_are_marked_interrupted_at_start_up(
+async def test_turns_left_streaming_are_ended_interrupted_at_start_up(
     tmp_path: Path, start_chatbus: StartChatbus
 ) -> None:
     store = SqliteStore(str(tmp_path / "chat.db"))  # the file the chatbus below uses
     await store.open()
-    crashed = MessageRecord("crashed", "c", "q", "echo", created_at=time.time() - 5)
+    meta = {"callback_url": "http://127.0.0.1:9/cb"}
+    crashed = MessageRecord("crashed", "c", "q", "echo", created_at=time.time() - 5, meta=meta)
     await store.add_message(crashed)
+    await store.save_partial("crashed", "what the client saw")
+    for i in range(150):  # more than one batch
+        await store.add_message(MessageRecord(f"m{i}", "c2", "q", "echo", created_at=1.0))
     await store.close()
     chatbus = await start_chatbus()
     record = await chatbus.store.get_message("default", "crashed")
-    assert record is not None and record.status is Status.INTERRUPTED
+    assert record is not None
+    assert (record.status, record.error) == (Status.INTERRUPTED, "interrupted")
+    assert record.response == "what the client saw"
     with sqlite3.connect(tmp_path / "chat.db") as db:
         assert db.execute(
             "SELECT count(*) FROM messages WHERE status = 'streaming'"
         ).fetchone() == (0,)
+    # Each is published as a failed turn: its webhooks and callback go out.
+    failed = await chatbus.events.wait_for("chat_failed", 151)
+    ended = {event.message_id: event for event in failed}
+    event = ended["crashed"]
+    assert (event.error_type, event.text) == ("interrupted", "what the client saw")  # type: ignore[attr-defined]
+    assert event.callback_url == "http://127.0.0.1:9/cb"  # type: ignore[attr-defined]
+    (delivery,) = await chatbus.store.deliveries(None, 10)  # the callback, in the outbox
+    assert delivery.message_id == "crashed"
+    assert b'"error_type":"interrupted"' in delivery.payload.encode()
 
 
 async def test_the_sweep_spares_recent_turns_when_instances_share_a_store(

@@ -169,13 +169,19 @@ class MongoStore(MongoOutbox):
             )
         return int(result.deleted_count)
 
-    async def mark_interrupted(self, started_before: float) -> int:
+    async def save_partial(self, message_id: str, response: str) -> None:
         with _reachable():
-            result = await self._messages.update_many(
-                {"status": str(Status.STREAMING), "created_at": {"$lt": started_before}},
-                {"$set": {"status": str(Status.INTERRUPTED)}},
+            await self._messages.update_one(
+                {"_id": message_id, "status": str(Status.STREAMING)},
+                {"$set": {"response": response}},
             )
-        return int(result.modified_count)
+
+    async def streaming_turns(self, started_before: float, limit: int) -> list[MessageRecord]:
+        query = {"status": str(Status.STREAMING), "created_at": {"$lt": started_before}}
+        with _reachable():
+            cursor = self._messages.find(query).sort("seq", ASCENDING).limit(limit)
+            documents = await cursor.to_list(None)
+        return [_record(document) for document in documents]
 
     async def _ensure_indexes(self) -> None:
         """Created once, at start-up or, if MongoDB was down then, on first use."""

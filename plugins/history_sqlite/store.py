@@ -180,11 +180,18 @@ class SqliteStore(SqliteOutbox):
             (tenant, conversation_id),
         )
 
-    async def mark_interrupted(self, started_before: float) -> int:
-        return await self._write(
-            "UPDATE messages SET status = ? WHERE status = ? AND created_at < ?",
-            (Status.INTERRUPTED, Status.STREAMING, started_before),
+    async def save_partial(self, message_id: str, response: str) -> None:
+        await self._write(
+            "UPDATE messages SET response = ? WHERE message_id = ? AND status = ?",
+            (response, message_id, Status.STREAMING),
         )
+
+    async def streaming_turns(self, started_before: float, limit: int) -> list[MessageRecord]:
+        rows = await self._read(
+            f"{SELECT} WHERE status = ? AND created_at < ? ORDER BY seq LIMIT ?",
+            (Status.STREAMING, started_before, limit),
+        )
+        return [_from_row(row) for row in rows]
 
 
 def _usage_json(usage: Usage | None) -> str | None:
