@@ -21,8 +21,7 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.hookspecs import hookimpl
-from core.providers import ModelCall, ModelSpec, ProviderFactory, Usage
+from chatbus import ModelCall, ModelSpec, ProviderFactory, Usage, hookimpl
 
 KIND = "reverse"
 

@@ -1,0 +1,131 @@
+"""chatbus's public plugin API: everything a plugin needs, from one module.
+
+    from chatbus import hookimpl, ModelCall, ModelSpec, Usage, UpstreamUnavailable
+
+Plugins, the built-in ones included, import from here, never from `core`'s modules: what
+is named in `__all__` is the surface chatbus keeps stable; the rest of `core` may move.
+docs/plugins.md documents each hook and these types.
+"""
+
+from __future__ import annotations
+
+from core.config import Config, ConfigError, ModelConfig, first_problem, plugin_settings
+from core.events import (
+    LIFECYCLE_EVENTS,
+    ChatCancelled,
+    ChatCompleted,
+    ChatEnded,
+    ChatEvent,
+    ChatFailed,
+    ChatReceived,
+    ChatStarted,
+    Event,
+    FeedbackReceived,
+)
+from core.history import (
+    READABLE,
+    Conversation,
+    HistoryStore,
+    HistoryStoreFactory,
+    MessageRecord,
+    Outcome,
+    Status,
+    StoreUnavailable,
+    Turn,
+)
+from core.hookspecs import PROJECT, hookimpl
+from core.keys import CONFIG, METRICS, PLUGINS, SERVICE
+from core.outbox import Delivery, DeliveryStatus
+from core.providers import (
+    CONTEXT_HINTS,
+    AnswerTimeout,
+    AnswerTooLong,
+    AuthenticationFailed,
+    BadRequest,
+    ContextWindowExceeded,
+    MalformedResponse,
+    Message,
+    ModelCall,
+    ModelSpec,
+    Provider,
+    ProviderError,
+    ProviderFactory,
+    RateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    Usage,
+    redacted,
+    refuse_keys_in_file,
+)
+from core.retry_after import retry_after_seconds
+from core.routes import caller_of
+from core.schemas import ChatchatBody, ChatRequest
+from core.turn import ChatTurn, ClientDisconnected, TurnResult
+from core.web import REQUEST_ID, TENANT, ApiError, answer_errors_as, json_response, read_body
+
+__all__ = [
+    "CONFIG",
+    "CONTEXT_HINTS",
+    "LIFECYCLE_EVENTS",
+    "METRICS",
+    "PLUGINS",
+    "PROJECT",
+    "READABLE",
+    "REQUEST_ID",
+    "SERVICE",
+    "TENANT",
+    "AnswerTimeout",
+    "AnswerTooLong",
+    "ApiError",
+    "AuthenticationFailed",
+    "BadRequest",
+    "ChatCancelled",
+    "ChatCompleted",
+    "ChatEnded",
+    "ChatEvent",
+    "ChatFailed",
+    "ChatReceived",
+    "ChatRequest",
+    "ChatStarted",
+    "ChatTurn",
+    "ChatchatBody",
+    "ClientDisconnected",
+    "Config",
+    "ConfigError",
+    "ContextWindowExceeded",
+    "Conversation",
+    "Delivery",
+    "DeliveryStatus",
+    "Event",
+    "FeedbackReceived",
+    "HistoryStore",
+    "HistoryStoreFactory",
+    "MalformedResponse",
+    "Message",
+    "MessageRecord",
+    "ModelCall",
+    "ModelConfig",
+    "ModelSpec",
+    "Outcome",
+    "Provider",
+    "ProviderError",
+    "ProviderFactory",
+    "RateLimited",
+    "Status",
+    "StoreUnavailable",
+    "Turn",
+    "TurnResult",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "Usage",
+    "answer_errors_as",
+    "caller_of",
+    "first_problem",
+    "hookimpl",
+    "json_response",
+    "plugin_settings",
+    "read_body",
+    "redacted",
+    "refuse_keys_in_file",
+    "retry_after_seconds",
+]
