@@ -114,7 +114,7 @@ class Bench:
 
     def upstream(self, name: str, tokens: int, delay: float) -> tuple[int, str]:
         ready = self.tmp / f"{name}.url"
-        argv = [sys.executable, "-m", "tests.fake_upstream", "--port", "0"]
+        argv = [sys.executable, "-m", "chatbus.testing.fake_upstream", "--port", "0"]
         argv += ["--token-count", str(tokens), "--delay", str(delay), "--ready-file", str(ready)]
         proc = self.procs.spawn(name, argv)
         return proc.pid, wait_for_file(ready, proc, self.deadline.left(15))

@@ -35,7 +35,7 @@ from core.history import (
 )
 from core.hookspecs import PROJECT, hookimpl
 from core.keys import CONFIG, METRICS, PLUGINS, SERVICE
-from core.outbox import Delivery, DeliveryStatus
+from core.outbox import Delivery, DeliveryStatus, Outbox
 from core.providers import (
     CONTEXT_HINTS,
     AnswerTimeout,
@@ -106,6 +106,7 @@ __all__ = [
     "ModelCall",
     "ModelConfig",
     "ModelSpec",
+    "Outbox",
     "Outcome",
     "Provider",
     "ProviderError",

@@ -252,7 +252,7 @@ class ChatService:
         deliveries = self.plan(event)
         if deliveries:
             try:
-                await self.store.add_deliveries(deliveries)
+                await self.store.outbox.add_deliveries(deliveries)
             except Exception:
                 log.exception("could not queue deliveries", hook=event.hook,
                               message_id=event.message_id)  # fmt: skip

@@ -143,13 +143,13 @@ async def _outbox_action(config: Config, args: argparse.Namespace) -> int:
     await store.open()
     try:
         if args.action == "redeliver":
-            if not await store.redeliver(args.delivery_id, time.time()):
+            if not await store.outbox.redeliver(args.delivery_id, time.time()):
                 print(f"chatbus: no delivery '{args.delivery_id}'", file=sys.stderr)
                 return 1
             print(f"{args.delivery_id}: pending, due now")
             return 0
         status = DeliveryStatus(args.status) if args.status else None
-        for d in await store.deliveries(status, args.limit):
+        for d in await store.outbox.deliveries(status, args.limit):
             due = datetime.fromtimestamp(d.next_attempt_at, UTC).isoformat(timespec="seconds")
             print(f"{d.delivery_id}  {d.status:<9}  attempts={d.attempts}  {d.event_type}"
                   f"  {d.url}  next={due}  {d.last_error or ''}".rstrip())  # fmt: skip

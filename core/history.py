@@ -8,7 +8,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from core.outbox import Delivery, DeliveryStatus
+from core.outbox import Delivery, Outbox
 from core.providers import Usage
 
 
@@ -78,7 +78,12 @@ class Conversation:
 
 class HistoryStore(Protocol):
     """Every method is scoped to a tenant where it names one: another tenant's records do
-    not exist for it. Unreachable storage raises `StoreUnavailable`."""
+    not exist for it. Unreachable storage raises `StoreUnavailable`.
+
+    `outbox` keeps the deliveries events owe the outside world beside the turns
+    (core/outbox.py): `finish_message` writes a turn's end and its deliveries in one step."""
+
+    outbox: Outbox
 
     async def open(self) -> None:
         """Connect and prepare (schema, indexes). An unreachable server must not raise:
@@ -129,30 +134,6 @@ class HistoryStore(Protocol):
     async def streaming_turns(self, started_before: float, limit: int) -> list[MessageRecord]:
         """Up to `limit` turns still `streaming` that started before this time (wall clock),
         the oldest first: at start-up, the turns a crash left unfinished."""
-        ...
-
-    # The outbox (core/outbox.py)
-
-    async def add_deliveries(self, deliveries: Sequence[Delivery]) -> None: ...
-
-    async def claim_deliveries(
-        self, owner: str, now: float, lease_until: float, limit: int
-    ) -> list[Delivery]:
-        """Lease up to `limit` pending deliveries due by `now` whose lease is free or has
-        expired, atomically: no two claimers get the same one while its lease runs."""
-        ...
-
-    async def settle_delivery(self, delivery: Delivery) -> bool:
-        """Write an attempt's result (status, attempts, next_attempt_at, last_error) and free
-        the lease, if `delivery.lease_owner` still holds it; whether it did."""
-        ...
-
-    async def deliveries(self, status: DeliveryStatus | None, limit: int) -> list[Delivery]:
-        """The newest first."""
-        ...
-
-    async def redeliver(self, delivery_id: str, now: float) -> bool:
-        """Make a delivery pending again, due now, with its attempts reset."""
         ...
 
 

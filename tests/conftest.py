@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from chatbus.testing.fake_upstream import FakeUpstream
 from core.app import create_app
 from core.config import Config
 from core.events import Event
@@ -22,7 +23,6 @@ from core.hookspecs import hookimpl
 from core.keys import SERVICE
 from core.plugins import make_plugin_manager
 from core.server import start
-from tests.fake_upstream import FakeUpstream
 from tests.mongo_server import MongoDatabase, MongoServer, given_uri
 from tests.sse import Stream, read_sse
 

@@ -45,11 +45,11 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     params=[["--token-count", "1000"], ["--token-chars", "1"]], ids=["tok-pieces", "1-char-pieces"]
 )
 def endless_upstream(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
-    """`python -m tests.fake_upstream --endless`, as fast as it is read: pieces "tok0 " to
+    """`python -m chatbus.testing.fake_upstream --endless`, as fast as it is read: pieces "tok0 " to
     "tok999 " over and over, or pieces of one character (the most pieces an answer can hold,
     each a Python object)."""
     ready = tmp_path / "upstream-url"
-    command = [sys.executable, "-m", "tests.fake_upstream", "--port", "0", "--endless"]
+    command = [sys.executable, "-m", "chatbus.testing.fake_upstream", "--port", "0", "--endless"]
     command += [*request.param, "--ready-file", str(ready)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
     try:

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import structlog
 
+from chatbus.testing.fake_upstream import FakeUpstream
 from core.auth import check_exposure, digest
 from core.config import AuthConfig, ConfigError, load_config
 from tests.conftest import Chatbus, StartChatbus
-from tests.fake_upstream import FakeUpstream
 
 ALICE_KEY = "cb-alice-0123456789abcdef"  # tenant "acme", configured by its digest
 BOB_KEY = "cb-bob-fedcba9876543210"  # tenant "globex", configured by a variable

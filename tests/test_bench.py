@@ -12,8 +12,8 @@ import orjson
 import pytest
 
 from bench.load import BadAnswer, Target, chat
+from chatbus.testing.fake_upstream import FakeUpstream
 from tests.conftest import Chatbus
-from tests.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("direct", "chatbus:fake", "chatbus-v1:fake")  # the upstream, /chat/chat, /v1

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
+from chatbus.testing.fake_upstream import Behaviour, FakeUpstream
 from core.events import ChatCompleted, ChatReceived, ChatStarted
 from core.history import Status
 from core.hookspecs import hookimpl
 from core.providers import Usage
 from tests.conftest import Chatbus, StartChatbus
-from tests.fake_upstream import Behaviour, FakeUpstream
 
 
 def stored_rows(chatbus: Chatbus) -> list[tuple[Any, ...]]:

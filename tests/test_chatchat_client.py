@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from chatbus.testing.fake_upstream import FakeUpstream
 from tests.chatchat_client import (
     PARSERS,
     Parser,
@@ -24,7 +25,6 @@ from tests.chatchat_client import (
     text_of,
 )
 from tests.conftest import Chatbus, StartChatbus
-from tests.fake_upstream import FakeUpstream
 
 BURST = [f"w{i}·{'é' if i % 3 else '你好'} " for i in range(200)]  # 200 deltas, ~1.4k chars
 

@@ -8,10 +8,10 @@ from urllib.parse import quote
 
 import pytest
 
+from chatbus.testing.fake_upstream import FakeUpstream
 from core.auth import digest
 from core.history import MessageRecord, Status
 from tests.conftest import Chatbus, StartChatbus
-from tests.fake_upstream import FakeUpstream
 
 
 async def get(chatbus: Chatbus, path: str, **headers: str) -> tuple[int, Any]:

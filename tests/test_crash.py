@@ -17,9 +17,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from chatbus.testing.fake_upstream import FakeUpstream
 from core.history import Status
 from plugins.history_sqlite.store import SqliteStore
-from tests.fake_upstream import FakeUpstream
 from tests.test_cli import CHATBUS, ROOT, free_port, wait_until_listening
 
 ASYNC_CHATS = 15

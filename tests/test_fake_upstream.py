@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.fake_upstream import DEFAULT_TOKENS, Behaviour, FakeUpstream
+from chatbus.testing.fake_upstream import DEFAULT_TOKENS, Behaviour, FakeUpstream
 
 MESSAGES = [
     {"role": "system", "content": "be brief"},

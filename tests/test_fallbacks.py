@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 
+from chatbus.testing.fake_upstream import FakeUpstream
 from core.config import Config, ConfigError
 from core.history import Status
 from core.providers import RateLimited, UpstreamUnavailable
 from core.registry import ModelRegistry, Route
 from plugins.providers.echo import EchoOptions, EchoProvider
 from tests.conftest import Chatbus, StartChatbus
-from tests.fake_upstream import FakeUpstream
 
 DOWN = {"provider": "openai_compat", "base_url": "http://127.0.0.1:9/v1", "model": "m"}
 

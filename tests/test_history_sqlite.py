@@ -1,5 +1,5 @@
 """What only the SQLite store has: its file, WAL mode, paths. The contract every store
-fulfils is in test_history_stores.py."""
+fulfils is in chatbus/testing/store_contract.py."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pydantic
 import pytest
 
+from chatbus.testing.store_contract import add_turn, record
 from core.history import Status, Turn
 from plugins.history_sqlite import make_store
 from plugins.history_sqlite.store import SqliteStore
-from tests.test_history_stores import add_turn, record
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from chatbus.testing.fake_upstream import DEFAULT_TOKENS, Behaviour, FakeUpstream
 from core.config import first_problem
 from core.history import Status
 from core.providers import (
@@ -40,7 +41,6 @@ from core.providers import (
 )
 from plugins.providers.litellm import LiteLLMProvider, load_litellm, make_litellm
 from tests.conftest import StartChatbus
-from tests.fake_upstream import DEFAULT_TOKENS, Behaviour, FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from chatbus.testing.fake_upstream import FakeUpstream
 from core.auth import digest
 from tests.conftest import Chatbus, StartChatbus
-from tests.fake_upstream import FakeUpstream
 
 
 async def scrape(chatbus: Chatbus) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
+from chatbus.testing.fake_upstream import DEFAULT_TOKENS, Behaviour, FakeUpstream
 from core.config import first_problem
 from core.providers import (
     AuthenticationFailed,
@@ -30,7 +31,6 @@ from core.providers import (
     Usage,
 )
 from plugins.providers.openai_compat import OpenAICompatProvider, make_openai_compat
-from tests.fake_upstream import DEFAULT_TOKENS, Behaviour, FakeUpstream
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 import uvloop
 
+from chatbus.testing.fake_upstream import Behaviour, FakeUpstream
 from core.app import create_app
 from core.history import Status
 from core.plugins import make_plugin_manager
@@ -23,7 +24,6 @@ from core.registry import MAX_RETRY_AFTER
 from core.retry_after import retry_after_seconds
 from core.server import start
 from tests.conftest import Chatbus, EventRecorder, make_config
-from tests.fake_upstream import Behaviour, FakeUpstream
 from tests.test_fallbacks import route
 
 DATE = "Sun, 06 Nov 1994 08:49:37 GMT"

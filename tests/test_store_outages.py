@@ -202,7 +202,7 @@ async def test_turns_left_streaming_are_ended_interrupted_at_start_up(
     event = ended["crashed"]
     assert (event.error_type, event.text) == ("interrupted", "what the client saw")  # type: ignore[attr-defined]
     assert event.callback_url == "http://127.0.0.1:9/cb"  # type: ignore[attr-defined]
-    (delivery,) = await chatbus.store.deliveries(None, 10)  # the callback, in the outbox
+    (delivery,) = await chatbus.store.outbox.deliveries(None, 10)  # the callback, in the outbox
     assert delivery.message_id == "crashed"
     assert b'"error_type":"interrupted"' in delivery.payload.encode()
 

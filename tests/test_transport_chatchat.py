@@ -10,9 +10,9 @@ import re
 import aiohttp
 import pytest
 
+from chatbus.testing.fake_upstream import FakeUpstream
 from core.history import Status
 from tests.conftest import Chatbus, StartChatbus
-from tests.fake_upstream import FakeUpstream
 
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 

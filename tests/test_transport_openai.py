@@ -11,12 +11,12 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
+from chatbus.testing.fake_upstream import Behaviour, FakeUpstream
 from core.auth import digest
 from core.events import ChatCompleted
 from core.history import Status, StoreUnavailable
 from core.providers import Usage
 from tests.conftest import Chatbus, StartChatbus
-from tests.fake_upstream import Behaviour, FakeUpstream
 
 USER = {"role": "user", "content": "one two three"}
 

@@ -29,7 +29,7 @@ from core.config import ConfigError
 from core.events import ChatCompleted
 from core.history import HistoryStore
 from core.hookspecs import hookimpl
-from core.outbox import Delivery, DeliveryStatus
+from core.outbox import Delivery, DeliveryStatus, Outbox
 from core.plugins import make_plugin_manager
 from core.server import start
 from plugins.history_sqlite.store import SqliteStore
@@ -118,7 +118,7 @@ def webhooks(receiver: Receiver, **endpoint: Any) -> dict[str, Any]:
 
 
 async def outbox(chatbus: Chatbus, status: DeliveryStatus | None = None) -> list[Any]:
-    return await chatbus.store.deliveries(status, 100)
+    return await chatbus.store.outbox.deliveries(status, 100)
 
 
 async def settled(chatbus: Chatbus, status: DeliveryStatus) -> Any:
@@ -242,7 +242,7 @@ async def _pending_in(bus: Chatbus) -> list[Any]:
     store = SqliteStore(bus.store.path)  # type: ignore[attr-defined]
     await store.open()
     try:
-        return await store.deliveries(DeliveryStatus.PENDING, 10)
+        return await store.outbox.deliveries(DeliveryStatus.PENDING, 10)
     finally:
         await store.close()
 
@@ -479,7 +479,7 @@ async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
 
 def delivered(store: HistoryStore, count: int) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
-        return len(await store.deliveries(DeliveryStatus.DELIVERED, 1000)) >= count
+        return len(await store.outbox.deliveries(DeliveryStatus.DELIVERED, 1000)) >= count
 
     return check
 
@@ -544,20 +544,20 @@ async def test_a_secret_that_cannot_sign_fails_its_delivery_not_the_loop(
 
 
 class SettleFailsOnce:
-    """A real store whose first `settle_delivery` raises, as a store bug would."""
+    """A real outbox whose first `settle_delivery` raises, as a store bug would."""
 
-    def __init__(self, store: HistoryStore) -> None:
-        self.store = store
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
         self.failed = False
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.store, name)
+        return getattr(self.outbox, name)
 
     async def settle_delivery(self, delivery: Delivery) -> bool:
         if not self.failed:
             self.failed = True
             raise RuntimeError("a store bug")
-        return await self.store.settle_delivery(delivery)
+        return await self.outbox.settle_delivery(delivery)
 
 
 async def test_a_store_error_while_recording_does_not_end_the_loop(
@@ -566,14 +566,16 @@ async def test_a_store_error_while_recording_does_not_end_the_loop(
     store = SqliteStore(str(tmp_path / "outbox.db"))
     await store.open()
     settings = options.Delivery.model_validate({**FAST, "lease_seconds": 0.5})
-    deliverer = Deliverer(cast(HistoryStore, SettleFailsOnce(store)), settings, CollectorRegistry())
+    deliverer = Deliverer(
+        cast(Outbox, SettleFailsOnce(store.outbox)), settings, CollectorRegistry()
+    )
     first = delivery_to(receiver.url, time.time())
-    await store.add_deliveries([first])
+    await store.outbox.add_deliveries([first])
     await deliverer.start()
     try:
         await receiver.wait_for(1)  # sent, but not recorded: it stays leased
         later = delivery_to(receiver.url, time.time())
-        await store.add_deliveries([later])
+        await store.outbox.add_deliveries([later])
         await until(delivered(store, 2), "both delivered")
     finally:
         await deliverer.stop()
@@ -591,7 +593,7 @@ async def test_a_slow_destination_does_not_hold_up_the_others(
         chatbus = await start_chatbus(webhook_delivery=settings)
         now = time.time()
         backlog = [delivery_to(slow.url, now - 1) for _ in range(40)]  # due before the fast one
-        await chatbus.store.add_deliveries([*backlog, delivery_to(receiver.url, now)])
+        await chatbus.store.outbox.add_deliveries([*backlog, delivery_to(receiver.url, now)])
         await receiver.wait_for(1)  # while the slow receiver holds every request it got
         await until(delivered(chatbus.store, 1), "the fast one recorded")
         await slow.wait_for(4)
@@ -610,7 +612,7 @@ async def test_no_more_in_flight_than_the_concurrency(start_chatbus: StartChatbu
         settings = {**FAST, "timeout_seconds": 30, "concurrency": 5, "per_destination": 4}
         chatbus = await start_chatbus(webhook_delivery=settings)
         now = time.time()
-        await chatbus.store.add_deliveries(
+        await chatbus.store.outbox.add_deliveries(
             [delivery_to(hook.url, now) for hook in (one, two) for _ in range(6)]
         )
 
@@ -632,7 +634,7 @@ async def test_stop_leaves_attempts_in_flight_to_their_lease(start_chatbus: Star
         settings = {**FAST, "timeout_seconds": 30, "lease_seconds": 0.5}
         first = await start_chatbus(webhook_delivery=settings)
         sent = delivery_to(held.url, time.time())
-        await first.store.add_deliveries([sent])
+        await first.store.outbox.add_deliveries([sent])
         await held.wait_for(1)
         async with asyncio.timeout(5):
             await first.close()  # does not wait for the answer

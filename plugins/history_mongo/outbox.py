@@ -10,19 +10,23 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 
 from core.outbox import Delivery, DeliveryStatus
+from plugins.history_mongo.errors import reachable
 
 
 class MongoOutbox:
-    _outbox: Any  # the collection
+    """The store's `outbox`: a collection beside its messages."""
 
-    async def _index_outbox(self) -> None:
+    def __init__(self, collection: Any) -> None:
+        self._outbox = collection
+
+    async def create_indexes(self) -> None:
         await self._outbox.create_index(
             [("status", ASCENDING), ("next_attempt_at", ASCENDING)], name="due"
         )
 
     async def add_deliveries(self, deliveries: Sequence[Delivery]) -> None:
         if deliveries:
-            with self._reachable():  # type: ignore[attr-defined]
+            with reachable():
                 await self._outbox.insert_many([_document(d) for d in deliveries])
 
     async def claim_deliveries(
@@ -34,7 +38,7 @@ class MongoOutbox:
             "next_attempt_at": {"$lte": now},
             "$or": [{"lease_until": None}, {"lease_until": {"$lt": now}}],
         }
-        with self._reachable():  # type: ignore[attr-defined]
+        with reachable():
             for _ in range(limit):
                 document = await self._outbox.find_one_and_update(
                     due,
@@ -48,7 +52,7 @@ class MongoOutbox:
         return claimed
 
     async def settle_delivery(self, delivery: Delivery) -> bool:
-        with self._reachable():  # type: ignore[attr-defined]
+        with reachable():
             result = await self._outbox.update_one(
                 {"_id": delivery.delivery_id, "lease_owner": delivery.lease_owner},
                 {
@@ -68,12 +72,12 @@ class MongoOutbox:
         if limit <= 0:
             return []
         query = {"status": str(status)} if status else {}
-        with self._reachable():  # type: ignore[attr-defined]
+        with reachable():
             cursor = self._outbox.find(query).sort("created_at", DESCENDING).limit(limit)
             return [_delivery(document) for document in await cursor.to_list(None)]
 
     async def redeliver(self, delivery_id: str, now: float) -> bool:
-        with self._reachable():  # type: ignore[attr-defined]
+        with reachable():
             result = await self._outbox.update_one(
                 {"_id": delivery_id},
                 {

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
-from pymongo.errors import ConnectionFailure, ExecutionTimeout, OperationFailure, WTimeoutError
 
 from core.history import (
     READABLE,
@@ -25,24 +23,21 @@ from core.history import (
 )
 from core.outbox import Delivery
 from core.providers import Usage
+from plugins.history_mongo.errors import reachable
 from plugins.history_mongo.outbox import MongoOutbox
 
 log = structlog.get_logger("chatbus.history_mongo")
-UNREACHABLE = (ConnectionFailure, ExecutionTimeout, WTimeoutError)
-AUTHENTICATION_FAILED, UNAUTHORIZED = 18, 13  # MongoDB's error codes
-BAD_CREDENTIALS = "MongoDB authentication failed: check the user and password in the URI"
 FIELDS = (
     "conversation_id", "tenant", "chat_type", "query", "response", "status", "model",
     "latency", "error", "feedback_score", "feedback_reason", "meta", "created_at",
 )  # fmt: skip
 
 
-class MongoStore(MongoOutbox):
+class MongoStore:
     def __init__(self, client: Any, database: str, collection: str = "messages") -> None:
         self._client = client  # pymongo.AsyncMongoClient, or a stand-in with its shape
         self._messages = client[database][collection]
-        self._outbox = client[database][f"{collection}_outbox"]
-        self._reachable = _reachable
+        self.outbox = MongoOutbox(client[database][f"{collection}_outbox"])
         self._indexed = False
         self._last_seq = 0
 
@@ -58,7 +53,7 @@ class MongoStore(MongoOutbox):
             await closed
 
     async def ping(self) -> None:
-        with _reachable():
+        with reachable():
             await self._client.admin.command("ping")
         await self._ensure_indexes()
 
@@ -71,7 +66,7 @@ class MongoStore(MongoOutbox):
             usage=_usage(record.usage),
         )
         await self._ensure_indexes()
-        with _reachable():
+        with reachable():
             await self._messages.insert_one(document)
 
     async def finish_message(
@@ -86,10 +81,10 @@ class MongoStore(MongoOutbox):
         }
         if outcome.model is not None:
             changes["model"] = outcome.model
-        with _reachable():
+        with reachable():
             await self._messages.update_one({"_id": message_id}, {"$set": changes})
         # Not one transaction (that needs a replica set), but the very next write.
-        await self.add_deliveries(deliveries)
+        await self.outbox.add_deliveries(deliveries)
 
     async def recent_turns(self, tenant: str, conversation_id: str, limit: int) -> list[Turn]:
         if limit <= 0:
@@ -100,20 +95,20 @@ class MongoStore(MongoOutbox):
             "response": {"$ne": ""},
             "status": {"$in": [str(status) for status in READABLE]},
         }
-        with _reachable():
+        with reachable():
             cursor = self._messages.find(query, {"query": 1, "response": 1})
             rows = await cursor.sort("seq", DESCENDING).limit(limit).to_list(None)
         return [Turn(row["query"], row["response"]) for row in reversed(rows)]
 
     async def get_message(self, tenant: str, message_id: str) -> MessageRecord | None:
-        with _reachable():
+        with reachable():
             document = await self._messages.find_one({"_id": message_id, "tenant": tenant})
         return _record(document) if document is not None else None
 
     async def set_feedback(
         self, tenant: str, message_id: str, score: int, reason: str
     ) -> MessageRecord | None:
-        with _reachable():
+        with reachable():
             document = await self._messages.find_one_and_update(
                 {"_id": message_id, "tenant": tenant},
                 {"$set": {"feedback_score": score, "feedback_reason": reason}},
@@ -139,7 +134,7 @@ class MongoStore(MongoOutbox):
             {"$skip": max(offset, 0)},
             {"$limit": max(limit, 1)},
         ]
-        with _reachable():
+        with reachable():
             cursor = self._messages.aggregate(pipeline)
             if inspect.isawaitable(cursor):  # PyMongo's async API awaits it; motor's shape not
                 cursor = await cursor
@@ -155,7 +150,7 @@ class MongoStore(MongoOutbox):
     ) -> list[MessageRecord]:
         if limit <= 0:
             return []
-        with _reachable():
+        with reachable():
             cursor = self._messages.find({"tenant": tenant, "conversation_id": conversation_id})
             rows = (
                 await cursor.sort("seq", ASCENDING).skip(max(offset, 0)).limit(limit).to_list(None)
@@ -163,14 +158,14 @@ class MongoStore(MongoOutbox):
         return [_record(row) for row in rows]
 
     async def delete_conversation(self, tenant: str, conversation_id: str) -> int:
-        with _reachable():
+        with reachable():
             result = await self._messages.delete_many(
                 {"tenant": tenant, "conversation_id": conversation_id}
             )
         return int(result.deleted_count)
 
     async def save_partial(self, message_id: str, response: str) -> None:
-        with _reachable():
+        with reachable():
             await self._messages.update_one(
                 {"_id": message_id, "status": str(Status.STREAMING)},
                 {"$set": {"response": response}},
@@ -178,7 +173,7 @@ class MongoStore(MongoOutbox):
 
     async def streaming_turns(self, started_before: float, limit: int) -> list[MessageRecord]:
         query = {"status": str(Status.STREAMING), "created_at": {"$lt": started_before}}
-        with _reachable():
+        with reachable():
             cursor = self._messages.find(query).sort("seq", ASCENDING).limit(limit)
             documents = await cursor.to_list(None)
         return [_record(document) for document in documents]
@@ -187,40 +182,18 @@ class MongoStore(MongoOutbox):
         """Created once, at start-up or, if MongoDB was down then, on first use."""
         if self._indexed:
             return
-        with _reachable():
+        with reachable():
             await self._messages.create_index(
                 [("tenant", ASCENDING), ("conversation_id", ASCENDING), ("seq", ASCENDING)],
                 name="by_conversation",
             )
             await self._messages.create_index([("status", ASCENDING)], name="by_status")
-            await self._index_outbox()
+            await self.outbox.create_indexes()
         self._indexed = True  # message ids are `_id`: indexed, and unique, by MongoDB itself
 
     def _next_seq(self) -> int:
         self._last_seq = max(self._last_seq + 1, time.time_ns())
         return self._last_seq
-
-
-@contextmanager
-def _reachable() -> Iterator[None]:
-    """Connection trouble, and credentials the server refuses, become StoreUnavailable (the
-    service keeps running, and /health/ready says why); other driver errors stay what they
-    are. No message of the driver's is passed on: the URI it was given holds the password."""
-    try:
-        yield
-    except UNREACHABLE as exc:
-        # After a refused login, the driver reports the server as not found, with why.
-        if "AuthenticationFailed" in str(exc):
-            raise StoreUnavailable(BAD_CREDENTIALS) from None
-        raise StoreUnavailable(f"MongoDB unreachable ({type(exc).__name__})") from None
-    except OperationFailure as exc:
-        if exc.code == AUTHENTICATION_FAILED:
-            raise StoreUnavailable(BAD_CREDENTIALS) from None
-        if exc.code == UNAUTHORIZED:
-            raise StoreUnavailable(
-                "MongoDB refused the operation: the user lacks the readWrite role on the database"
-            ) from None
-        raise
 
 
 def _usage(usage: Usage | None) -> dict[str, int | None] | None:

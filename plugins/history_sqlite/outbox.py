@@ -37,7 +37,10 @@ def inserts(deliveries: Sequence[Delivery]) -> list[tuple[str, Sequence[Any]]]:
 
 
 class SqliteOutbox:
-    _worker: SqliteWorker
+    """The store's `outbox`: the same database, through the store's own writer."""
+
+    def __init__(self, worker: SqliteWorker) -> None:
+        self._worker = worker
 
     async def add_deliveries(self, deliveries: Sequence[Delivery]) -> None:
         if deliveries:

@@ -75,10 +75,11 @@ class SqliteOptions(BaseModel):
     path: str = "chatbus.db"
 
 
-class SqliteStore(SqliteOutbox):
+class SqliteStore:
     def __init__(self, path: str) -> None:
         self.path = path
         self._worker = SqliteWorker()
+        self.outbox = SqliteOutbox(self._worker)
         self._read = self._worker.read
         self._write = self._worker.write
 

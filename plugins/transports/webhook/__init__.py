@@ -68,7 +68,7 @@ def register_routes(app: web.Application, router: web.UrlDispatcher) -> None:
     settings = options.delivery(config)
 
     async def deliver_in_background(app: web.Application) -> AsyncIterator[None]:
-        deliverer = Deliverer(app[SERVICE].store, settings, app[METRICS])
+        deliverer = Deliverer(app[SERVICE].store.outbox, settings, app[METRICS])
         await deliverer.start()
         yield
         await deliverer.stop()

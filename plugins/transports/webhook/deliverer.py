@@ -39,8 +39,8 @@ from prometheus_client import CollectorRegistry
 from standardwebhooks import Webhook
 from yarl import URL
 
-from core.history import HistoryStore, StoreUnavailable
-from core.outbox import Delivery, DeliveryStatus
+from core.history import StoreUnavailable
+from core.outbox import Delivery, DeliveryStatus, Outbox
 from core.retry_after import retry_after_seconds
 from plugins.transports.webhook.options import Delivery as Settings
 
@@ -49,10 +49,8 @@ RETRY_STATUSES = {408, 429}
 
 
 class Deliverer:
-    def __init__(
-        self, store: HistoryStore, settings: Settings, registry: CollectorRegistry
-    ) -> None:
-        self.store = store
+    def __init__(self, outbox: Outbox, settings: Settings, registry: CollectorRegistry) -> None:
+        self.outbox = outbox
         self.settings = settings
         self.owner = f"chatbus-{uuid.uuid4().hex[:12]}"  # this instance, in leases
         self.counts: Counter[str] = Counter()
@@ -92,7 +90,7 @@ class Deliverer:
     async def _claim(self, limit: int) -> list[Delivery]:
         now = time.time()
         try:
-            return await self.store.claim_deliveries(
+            return await self.outbox.claim_deliveries(
                 self.owner, now=now, lease_until=now + self.settings.lease_seconds, limit=limit
             )
         except StoreUnavailable as exc:
@@ -148,7 +146,7 @@ class Deliverer:
     async def _record(self, delivery: Delivery) -> None:
         """Settle the delivery; when that fails its lease runs out and it is tried again."""
         try:
-            await self.store.settle_delivery(delivery)
+            await self.outbox.settle_delivery(delivery)
         except StoreUnavailable as exc:
             log.warning("could not record a webhook attempt", delivery_id=delivery.delivery_id,
                         error=str(exc))  # fmt: skip
