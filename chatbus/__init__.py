@@ -9,7 +9,7 @@ docs/plugins.md documents each hook and these types.
 
 from __future__ import annotations
 
-from core.config import Config, ConfigError, ModelConfig, first_problem, plugin_settings
+from core.config import Config, ConfigError, ModelConfig, plugin_settings
 from core.events import (
     LIFECYCLE_EVENTS,
     ChatCancelled,
@@ -61,6 +61,7 @@ from core.retry_after import retry_after_seconds
 from core.routes import caller_of
 from core.schemas import ChatchatBody, ChatRequest
 from core.turn import ChatTurn, ClientDisconnected, TurnResult
+from core.validation import first_problem
 from core.web import REQUEST_ID, TENANT, ApiError, answer_errors_as, json_response, read_body
 
 __all__ = [

@@ -21,12 +21,13 @@ from pydantic import ValidationError
 from core import auth, guards, routes
 from core.bus import EventBus
 from core.chat import ChatService
-from core.config import Config, ConfigError, first_problem
+from core.config import Config, ConfigError
 from core.history import HistoryStore
 from core.keys import CONFIG, METRICS, PLUGINS, SERVICE
 from core.plugins import history_store_factories, make_plugin_manager, provider_factories
 from core.registry import ModelRegistry
 from core.templates import PromptTemplates
+from core.validation import first_problem
 from core.web import add_request_id, request_context
 
 log = structlog.get_logger("chatbus.app")

@@ -18,6 +18,7 @@ from core.config import Config, ConfigError, load_config
 from core.logs import configure_logging
 from core.outbox import DeliveryStatus
 from core.schemas import ChatRequest
+from core.validation import first_problem
 from core.web import ApiError
 
 T = TypeVar("T")
@@ -103,8 +104,7 @@ def _chat(config: Config, args: argparse.Namespace) -> int:
             context={"max_query_chars": config.chat.max_query_chars},
         )
     except ValidationError as exc:
-        error = exc.errors()[0]
-        print(f"chatbus: {error['loc'][0]}: {error['msg']}", file=sys.stderr)
+        print(f"chatbus: {first_problem(exc)}", file=sys.stderr)
         return 2
     return _run(_chat_once(config, request))
 

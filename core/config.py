@@ -13,9 +13,10 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -23,6 +24,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from core.validation import first_problem
 
 ENV_PREFIX = "CHATBUS_"
 ENV_CONFIG_PATH = "CHATBUS_CONFIG"
@@ -52,6 +55,15 @@ def _check_authorities(entries: list[str]) -> list[str]:
         if not split_authority(entry)[0]:
             raise ValueError(f"'{entry}' names no host")
     return entries
+
+
+def _http_url(url: str) -> str:
+    if not url.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return url
+
+
+HttpUrlText = Annotated[str, AfterValidator(_http_url)]  # a URL chatbus calls: http(s) only
 
 
 class ConfigError(Exception):
@@ -319,13 +331,3 @@ def _set_path(data: dict[str, Any], keys: list[str], value: Any) -> None:
         if not isinstance(data, dict):
             raise ConfigError(f"environment override {'.'.join(keys)}: {key} is not a table")
     data[keys[-1]] = value
-
-
-def first_problem(exc: ValidationError, prefix: str = "") -> str:
-    """One line for a validation error: `prefix.key: message`."""
-    error = exc.errors()[0]
-    key = ".".join(str(part) for part in ([prefix] if prefix else []) + list(error["loc"]))
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = "unknown key"
-    return f"{key}: {message}" if key else message

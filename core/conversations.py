@@ -143,12 +143,7 @@ def _message(record: MessageRecord) -> dict[str, Any]:
         "response": record.response,
         "status": str(record.status),
         "model": record.model,
-        "usage": None
-        if usage is None
-        else {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-        },
+        "usage": None if usage is None else usage.counts(),
         "latency": record.latency,
         "error": record.error,
         "feedback": None

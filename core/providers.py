@@ -6,6 +6,7 @@ A provider turns one `ModelCall` into an async iterator of text deltas. It may y
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -42,6 +43,10 @@ class Usage:
                 object.__setattr__(self, name, None)
         if dropped:
             log.warning("invalid token counts dropped", dropped=dropped)
+
+    def counts(self) -> dict[str, int | None]:
+        """As OpenAI names them: what stores keep and clients read."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
 
     @classmethod
     def of(cls, found: object) -> Usage | None:
@@ -143,6 +148,24 @@ class AnswerTimeout(UpstreamTimeout):
     nothing is tried after it."""
 
     retryable = False
+
+
+def key_from_env(variable: str | None) -> str | None:
+    """The key held by the environment variable a model's `api_key_env` names (read at each
+    call, so a rotated key is used at once); None when the model names none. A variable
+    named but unset fails the call: that model was configured to need a key."""
+    if not variable:
+        return None
+    key = os.environ.get(variable)
+    if not key:
+        raise AuthenticationFailed(f"the environment variable {variable} is not set")
+    return key
+
+
+def warn_if_key_unset(model: str, variable: str | None) -> None:
+    """At start-up: say so once when a model's key variable is not set."""
+    if variable and not os.environ.get(variable):
+        log.warning("api key variable not set", model=model, variable=variable)
 
 
 def refuse_keys_in_file(options: object) -> None:

@@ -12,9 +12,10 @@ from typing import Any
 import aiohttp
 from pydantic import ValidationError
 
-from core.config import ConfigError, ModelConfig, first_problem
+from core.config import ConfigError, ModelConfig
 from core.providers import ModelSpec, Provider, ProviderError, ProviderFactory, RateLimited
 from core.retry_after import retry_after_seconds
+from core.validation import first_problem
 
 MAX_RETRY_AFTER = 30.0  # seconds: an upstream's Retry-After longer than this is not waited for
 

@@ -13,6 +13,8 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from core.validation import problem_of
+
 log = structlog.get_logger("chatbus.web")
 M = TypeVar("M", bound=BaseModel)
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -143,17 +145,5 @@ async def read_body(request: web.Request, schema: type[M], **context: Any) -> M:
     try:
         return schema.model_validate(data, context=context)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        field = _field_path(error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
-        raise ApiError(422, "validation_error", f"{field}: {message}", field=field) from None
-
-
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    # pydantic names the member of a union in the path ("history.list[HistoryMessage].0");
-    # a client wants the path in its own JSON ("history.0").
-    return ".".join(str(part) for part in loc if not _is_type_tag(part))
-
-
-def _is_type_tag(part: int | str) -> bool:
-    return isinstance(part, str) and ("[" in part or part in {"int", "str", "float", "bool"})
+        problem = problem_of(exc)
+        raise ApiError(422, "validation_error", str(problem), field=problem.field) from None

@@ -199,7 +199,7 @@ class MongoStore:
 def _usage(usage: Usage | None) -> dict[str, int | None] | None:
     if usage is None:
         return None
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+    return usage.counts()
 
 
 def _record(document: dict[str, Any]) -> MessageRecord:

@@ -198,9 +198,7 @@ class SqliteStore:
 def _usage_json(usage: Usage | None) -> str | None:
     if usage is None:
         return None
-    return orjson.dumps(
-        {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
-    ).decode()
+    return orjson.dumps(usage.counts()).decode()
 
 
 def _to_row(record: MessageRecord) -> dict[str, Any]:

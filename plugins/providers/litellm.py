@@ -40,8 +40,10 @@ from core.providers import (
     UpstreamTimeout,
     UpstreamUnavailable,
     Usage,
+    key_from_env,
     redacted,
     refuse_keys_in_file,
+    warn_if_key_unset,
 )
 
 log = structlog.get_logger("chatbus.litellm")
@@ -140,13 +142,8 @@ class LiteLLMProvider:
                 log.warning("closing litellm's clients failed", exc_info=True)
 
     def _key(self) -> str | None:
-        name = self.options.api_key_env
-        if not name:
-            return None  # litellm's own conventions apply (OPENAI_API_KEY, AWS_*, ...)
-        key = os.environ.get(name)
-        if not key:
-            raise AuthenticationFailed(f"the environment variable {name} is not set")
-        return key
+        # None: litellm's own conventions apply (OPENAI_API_KEY, AWS_*, ...)
+        return key_from_env(self.options.api_key_env)
 
     async def stream(self, call: ModelCall) -> AsyncIterator[str | Usage]:
         litellm = _litellm or await load_litellm()
@@ -335,6 +332,5 @@ def register_providers(register: Any) -> None:
 def make_litellm(spec: ModelSpec, http: aiohttp.ClientSession | None = None) -> LiteLLMProvider:
     """litellm has HTTP clients of its own: the app's session is not used."""
     options = LiteLLMOptions.model_validate(spec.options)
-    if options.api_key_env and not os.environ.get(options.api_key_env):
-        log.warning("api key variable not set", model=spec.name, variable=options.api_key_env)
+    warn_if_key_unset(spec.name, options.api_key_env)
     return LiteLLMProvider(options)

@@ -4,16 +4,16 @@ no per-chunk objects beyond the dict orjson makes."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import orjson
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from yarl import URL
 
+from core.config import HttpUrlText
 from core.hookspecs import hookimpl
 from core.providers import (
     CONTEXT_HINTS,
@@ -28,8 +28,10 @@ from core.providers import (
     UpstreamTimeout,
     UpstreamUnavailable,
     Usage,
+    key_from_env,
     redacted,
     refuse_keys_in_file,
+    warn_if_key_unset,
 )
 
 log = structlog.get_logger("chatbus.openai_compat")
@@ -41,7 +43,7 @@ OTHER_SSE_LINES = (b":", b"event:", b"id:", b"retry:", b"\r")
 class OpenAICompatOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
-    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
+    base_url: HttpUrlText = Field(description="e.g. http://127.0.0.1:8000/v1")
     model: str = Field(description="the model name the server knows")
     api_key_env: str | None = Field(None, description="environment variable holding the key")
     connect_timeout: float = Field(10.0, gt=0)
@@ -59,18 +61,11 @@ class OpenAICompatOptions(BaseModel):
         refuse_keys_in_file(data)
         return data
 
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return url.rstrip("/")
-
 
 class OpenAICompatProvider:
     def __init__(self, options: OpenAICompatOptions, http: aiohttp.ClientSession) -> None:
         self.options = options
-        self.url = URL(f"{options.base_url}/chat/completions")  # parsed once, not per call
+        self.url = URL(f"{options.base_url.rstrip('/')}/chat/completions")  # parsed once
         self.http = http
         self.timeout = aiohttp.ClientTimeout(
             total=options.total_timeout,
@@ -80,11 +75,8 @@ class OpenAICompatProvider:
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        name = self.options.api_key_env
-        if name:
-            key = os.environ.get(name)
-            if not key:
-                raise AuthenticationFailed(f"the environment variable {name} is not set")
+        key = key_from_env(self.options.api_key_env)
+        if key:
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
@@ -297,6 +289,5 @@ def register_providers(register: Any) -> None:
 
 def make_openai_compat(spec: ModelSpec, http: aiohttp.ClientSession) -> OpenAICompatProvider:
     options = OpenAICompatOptions.model_validate(spec.options)
-    if options.api_key_env and not os.environ.get(options.api_key_env):
-        log.warning("api key variable not set", model=spec.name, variable=options.api_key_env)
+    warn_if_key_unset(spec.name, options.api_key_env)
     return OpenAICompatProvider(options, http)

@@ -26,6 +26,7 @@ from core.keys import CONFIG, SERVICE
 from core.routes import caller_of
 from core.schemas import ChatRequest
 from core.turn import ChatTurn, ClientDisconnected, TurnResult
+from core.validation import problem_of
 from core.web import ApiError, answer_errors_as, json_response, read_body
 from plugins.transports.frames import BurstWriter
 
@@ -207,11 +208,10 @@ def to_chat_request(body: CompletionRequest, model: str, max_query_chars: int) -
     try:
         return ChatRequest.model_validate(data, context={"max_query_chars": max_query_chars})
     except ValidationError as exc:
-        error = exc.errors()[0]
-        name = str(error["loc"][0]) if error["loc"] else ""
-        param = {"query": f"messages.{last_index}.content"}.get(name, name)
-        message = error["msg"].removeprefix("Value error, ")
-        raise ApiError(400, "validation_error", f"{param}: {message}", field=param) from None
+        problem = problem_of(exc)
+        param = {"query": f"messages.{last_index}.content"}.get(problem.field, problem.field)
+        message = f"{param}: {problem.message}"
+        raise ApiError(400, "validation_error", message, field=param) from None
 
 
 async def stream(

@@ -6,8 +6,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from core.config import Config, ConfigError, first_problem
+from core.config import Config, ConfigError, HttpUrlText
 from core.events import LIFECYCLE_EVENTS
+from core.validation import first_problem
 
 HOOKS = tuple(event.hook for event in LIFECYCLE_EVENTS)
 
@@ -15,16 +16,9 @@ HOOKS = tuple(event.hook for event in LIFECYCLE_EVENTS)
 class Endpoint(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str
+    url: HttpUrlText
     secret_env: str = Field(description="environment variable holding whsec_... secret(s)")
     events: list[str] = ["chat_completed", "chat_failed"]
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return url
 
     @field_validator("events")
     @classmethod
