@@ -145,6 +145,13 @@ class AnswerTimeout(UpstreamTimeout):
     retryable = False
 
 
+class ShuttingDown(ProviderError):
+    """chatbus is shutting down and the grace ran out before the answer did: it is cut short
+    (what came before is kept) and the turn is stored `cancelled`."""
+
+    type = "shutting_down"
+
+
 def refuse_keys_in_file(options: object) -> None:
     """For a provider's options validator: a key written in the config file is refused."""
     if isinstance(options, dict) and "api_key" in options:
