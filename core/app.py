@@ -3,6 +3,13 @@
 `open_service` builds everything a chat needs (HTTP client session, model registry, history
 store, event bus) and closes it in reverse order; the aiohttp app holds it through
 `cleanup_ctx`, and the CLI uses it without any HTTP server.
+
+Shutdown (aiohttp's `runner.cleanup()`, which SIGTERM runs): the listeners close; then
+`on_shutdown` lets the answers under way finish for the grace and cuts the rest short;
+aiohttp closes the connections; then the cleanup contexts run in reverse order, the
+plugins' (the webhook deliverer waits for the turns' ends to be written, delivers what is
+due and stops) before the service's. All of it within the grace and ChatService's
+CLOSE_SECONDS.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     app[METRICS] = CollectorRegistry()
     app[PLUGINS] = pm
     app.cleanup_ctx.append(_service_ctx)
+    app.on_shutdown.append(_stop_answering)
     routes.add_routes(app.router)
     pm.hook.register_routes(app=app, router=app.router)
     return app
@@ -58,6 +66,10 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     async with open_service(app[CONFIG], app[PLUGINS]) as service:
         app[SERVICE] = service
         yield
+
+
+async def _stop_answering(app: web.Application) -> None:
+    await app[SERVICE].stop_answering(app[CONFIG].server.shutdown_grace_seconds)
 
 
 @asynccontextmanager
@@ -92,7 +104,7 @@ async def open_service(
         try:
             yield service
         finally:
-            await service.drain(grace=config.server.shutdown_grace_seconds)
+            await service.drain(service.time_left())
 
 
 def make_store(config: Config, pm: pluggy.PluginManager) -> HistoryStore:

@@ -9,10 +9,11 @@ name.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,7 +32,7 @@ from core.events import (
 )
 from core.history import HistoryStore, MessageRecord, Outcome, Status, StoreUnavailable
 from core.outbox import Delivery
-from core.providers import Message, ModelCall
+from core.providers import Message, ModelCall, ShuttingDown
 from core.registry import ModelRegistry
 from core.schemas import ChatRequest, FeedbackRequest
 from core.templates import PromptTemplates
@@ -43,6 +44,11 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 SAVE_RETRY_FIRST, SAVE_RETRY_MAX = 0.5, 30.0  # seconds between tries to store an answer
 SWEEP_BATCH = 100  # interrupted turns read at a time at start-up
 INTERRUPTED = "interrupted"  # the error type of a turn a crash left unfinished
+# Seconds a shutdown has after the grace for the ends of the answers it cut (their records,
+# last frames, events and deliveries); closing the store and the process's exit take part
+# of the rest of the second a shutdown may last past its grace.
+CLOSE_SECONDS = 0.6
+CUT_SHORT = "chatbus is shutting down; the answer was cut short"
 
 
 @contextmanager
@@ -109,6 +115,11 @@ class ChatService:
         self.bus = bus
         self._hooks = hooks
         self._background: set[asyncio.Task[Any]] = set()
+        self._answers: set[asyncio.Timeout] = set()  # one per answer under way: shutdown's cut
+        self._no_answers = asyncio.Event()
+        self._no_answers.set()
+        self._cutting = False  # the grace is over: an answer is cut as soon as it starts
+        self._done_by: float | None = None  # the loop time by which a shutdown is done
         self._callback_targets = {split_authority(entry) for entry in config.chat.callback_hosts}
 
     async def start(self, request: ChatRequest, caller: Caller) -> ChatTurn:
@@ -304,6 +315,47 @@ class ChatService:
             )
             raise
 
+    @asynccontextmanager
+    async def answering(self) -> AsyncIterator[None]:
+        """Around a turn's answer: once a shutdown's grace has run out, it is cut short with
+        `ShuttingDown` (at once if it starts after that)."""
+        cut = asyncio.timeout(0 if self._cutting else None)
+        self._answers.add(cut)
+        self._no_answers.clear()
+        try:
+            async with cut:
+                yield
+        except TimeoutError:
+            if not cut.expired():
+                raise
+            raise ShuttingDown(CUT_SHORT) from None
+        finally:
+            self._answers.discard(cut)
+            if not self._answers:
+                self._no_answers.set()
+
+    async def stop_answering(self, grace: float) -> None:
+        """Shutdown, once nothing new is accepted: let the answers under way finish for up
+        to `grace` seconds, then cut the rest short (their transports say so, their turns are
+        stored `cancelled`). What is left of the shutdown is `time_left()`."""
+        loop = asyncio.get_running_loop()
+        self._done_by = loop.time() + grace + CLOSE_SECONDS
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._no_answers.wait()
+        self._cutting = True
+        if self._answers:
+            log.warning("the grace ran out: cutting answers short", count=len(self._answers))
+        for cut in self._answers:
+            if not cut.expired():
+                cut.reschedule(loop.time())
+
+    def time_left(self) -> float:
+        """Seconds left of a shutdown; before one begins (the CLI's), the whole of it."""
+        if self._done_by is None:
+            return self.app_config.server.shutdown_grace_seconds + CLOSE_SECONDS
+        return max(self._done_by - asyncio.get_running_loop().time(), 0.0)
+
     async def drain(self, grace: float | None = None) -> None:
         """Wait for turns still being recorded and their events; after `grace` seconds,
         give up on what is left (each says so in the log)."""
@@ -315,7 +367,12 @@ class ChatService:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
-        await self.bus.drain()
+        left = None if deadline is None else max(deadline - time.monotonic(), 0)
+        try:
+            async with asyncio.timeout(left):
+                await self.bus.drain()
+        except TimeoutError:
+            log.warning("gave up on event subscribers still running at shutdown")
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(work)

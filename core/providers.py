@@ -150,6 +150,13 @@ class AnswerTimeout(UpstreamTimeout):
     retryable = False
 
 
+class ShuttingDown(ProviderError):
+    """chatbus is shutting down and the grace ran out before the answer did: it is cut short
+    (what came before is kept) and the turn is stored `cancelled`."""
+
+    type = "shutting_down"
+
+
 def key_from_env(variable: str | None) -> str | None:
     """The key held by the environment variable a model's `api_key_env` names (read at each
     call, so a rotated key is used at once); None when the model names none. A variable

@@ -17,10 +17,15 @@ from core.keys import CONFIG
 
 log = structlog.get_logger("chatbus.server")
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython: 700)
+# At shutdown aiohttp waits this long for each handler still running once the app's
+# on_shutdown has spent the grace (core/app.py), cancels it, and waits as long again: by then
+# a handler has only its last frames to write, to a client that may not read them.
+HANDLERS_CLOSE_SECONDS = 0.2
 
 
-async def start(app: web.Application, host: str, port: int, grace: float) -> web.AppRunner:
-    """Start serving `app`; `runner.addresses` tells the bound port when `port` is 0."""
+async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Start serving `app`; `runner.addresses` tells the bound port when `port` is 0.
+    `runner.cleanup()` shuts it down (core/app.py says how, within the configured grace)."""
     limits = app[CONFIG].server if CONFIG in app else ServerConfig()  # a bare app: defaults
     # A client that disconnects cancels its handler at once, which cancels the upstream call.
     runner = EdgeRunner(
@@ -30,7 +35,7 @@ async def start(app: web.Application, host: str, port: int, grace: float) -> web
         keepalive_timeout=limits.keepalive_timeout_seconds,
         handler_cancellation=True,
         access_log=None,
-        shutdown_timeout=grace,
+        shutdown_timeout=HANDLERS_CLOSE_SECONDS,
     )
     await runner.setup()
     try:
@@ -42,11 +47,12 @@ async def start(app: web.Application, host: str, port: int, grace: float) -> web
 
 
 async def serve(config: Config) -> None:
-    """Serve until SIGINT or SIGTERM, then stop accepting and let streams finish."""
+    """Serve until SIGINT or SIGTERM, then stop accepting, let answers finish for the grace,
+    cut the rest short and exit, within the grace and a second."""
     check_exposure(config.server.host, config.auth)
     app = create_app(config)
     server = config.server
-    runner = await start(app, server.host, server.port, server.shutdown_grace_seconds)
+    runner = await start(app, server.host, server.port)
     host, port = runner.addresses[0][:2]
     _settle_memory()
     log.info(

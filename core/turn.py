@@ -14,7 +14,14 @@ import structlog
 
 from core.events import ChatCancelled, ChatCompleted, ChatFailed
 from core.history import MessageRecord, Outcome, Status
-from core.providers import AnswerTimeout, AnswerTooLong, ModelCall, ProviderError, Usage
+from core.providers import (
+    AnswerTimeout,
+    AnswerTooLong,
+    ModelCall,
+    ProviderError,
+    ShuttingDown,
+    Usage,
+)
 
 if TYPE_CHECKING:
     from core.chat import ChatService
@@ -77,6 +84,8 @@ class ChatTurn:
         except (asyncio.CancelledError, ClientDisconnected):
             self._service.spawn(self._finish(answer, Status.CANCELLED))
             raise
+        except ShuttingDown as exc:  # cut short by a shutdown: the transport says why
+            return await self._finish(answer, Status.CANCELLED, exc)
         except ProviderError as exc:
             return await self._finish(answer, Status.FAILED, exc)
         return await self._finish(answer, Status.COMPLETED)
@@ -87,7 +96,7 @@ class ChatTurn:
         seconds = self._time_limit()
         deadline = asyncio.timeout(seconds)
         try:
-            async with deadline:
+            async with deadline, self._service.answering():
                 with self._checkpoints(answer):
                     await self._try_models(answer, send)
         except TimeoutError:
@@ -200,12 +209,10 @@ class ChatTurn:
             "latency": latency,
             "first_token_latency": first_token,
         }
-        if error is not None:
-            event: ChatCompleted | ChatFailed | ChatCancelled = ChatFailed(
-                **common, error_type=error.type, error_message=str(error)
-            )
-        elif status is Status.CANCELLED:
-            event = ChatCancelled(**common)
+        if status is Status.CANCELLED:
+            event: ChatCompleted | ChatFailed | ChatCancelled = ChatCancelled(**common)
+        elif error is not None:
+            event = ChatFailed(**common, error_type=error.type, error_message=str(error))
         else:
             event = ChatCompleted(**common)
         await self._service.save_outcome(self.message_id, outcome, self._service.plan(event))

@@ -162,7 +162,7 @@ async def start_chatbus(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator
         for plugin in (recorder, *plugins):
             pm.register(plugin)
         app = create_app(config, pm)
-        runner = await start(app, "127.0.0.1", 0, grace=1.0)
+        runner = await start(app, "127.0.0.1", 0)
         port = runner.addresses[0][1]
         http = aiohttp.ClientSession()
         bus = Chatbus(f"http://127.0.0.1:{port}", app, http, recorder, runner)

@@ -113,7 +113,7 @@ async def chatbus_and_upstream(tmp_path: Path) -> AsyncIterator[tuple[Chatbus, F
         recorder = EventRecorder()
         pm.register(recorder)
         app = create_app(config, pm)
-        runner = await start(app, "127.0.0.1", 0, grace=1.0)
+        runner = await start(app, "127.0.0.1", 0)
         url = f"http://127.0.0.1:{runner.addresses[0][1]}"
         bus = Chatbus(url, app, aiohttp.ClientSession(), recorder, runner)
         try:

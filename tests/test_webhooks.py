@@ -89,7 +89,7 @@ class Receiver:
 async def listening(hook: Receiver) -> AsyncIterator[Receiver]:
     app = web.Application()
     app.router.add_post("/hook", hook.handle)
-    runner = await start(app, "127.0.0.1", 0, grace=0.1)
+    runner = await start(app, "127.0.0.1", 0)
     hook.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
     try:
         yield hook
@@ -420,7 +420,7 @@ async def test_redirects_are_never_followed(
     elsewhere = Receiver()
     app = web.Application()
     app.router.add_post("/hook", elsewhere.handle)
-    runner = await start(app, "127.0.0.1", 0, grace=0.1)
+    runner = await start(app, "127.0.0.1", 0)
     target = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
 
     async def redirect(request: web.Request) -> web.Response:
@@ -428,7 +428,7 @@ async def test_redirects_are_never_followed(
 
     redirecting = web.Application()
     redirecting.router.add_post("/hook", redirect)
-    redirector = await start(redirecting, "127.0.0.1", 0, grace=0.1)
+    redirector = await start(redirecting, "127.0.0.1", 0)
     try:
         url = f"http://127.0.0.1:{redirector.addresses[0][1]}/hook"
         chatbus = await start_chatbus(**async_mode(receiver, callback_hosts=[urlsplit(url).netloc]))

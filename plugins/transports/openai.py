@@ -23,6 +23,7 @@ from core.chat import ChatService
 from core.history import StoreUnavailable
 from core.hookspecs import hookimpl
 from core.keys import CONFIG, SERVICE
+from core.providers import ProviderError, ShuttingDown
 from core.routes import caller_of
 from core.schemas import ChatRequest
 from core.turn import ChatTurn, ClientDisconnected, TurnResult
@@ -97,6 +98,8 @@ def openai_error(error: ApiError) -> web.Response:
 
 
 NO_SDK_RETRY = {"x-should-retry": "false"}
+FAILED_STATUS = 502  # an upstream failure
+SHUTTING_DOWN_STATUS = 503  # cut short by a shutdown
 
 
 def error_body(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
@@ -152,7 +155,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         # chatbus's own retries and fallbacks (as the model's config says) have run: the SDKs'
         # retries (they honour this header) would only start the failed turn again, as new turns.
         return error_response(
-            502,
+            failed_status(result.error),
             result.error.type,
             str(result.error),
             headers=NO_SDK_RETRY,
@@ -256,12 +259,17 @@ async def closing(
 ) -> bytes:
     """The frames after the last delta: the finish (or the error), usage, [DONE]."""
     if result.error is not None:
-        return frame(error_body(502, result.error.type, str(result.error))) + DONE
+        error = error_body(failed_status(result.error), result.error.type, str(result.error))
+        return frame(error) + DONE
     chunk = {**chunk, "model": result.model}
     finish = frame({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
     if include_usage:
         finish += frame({**chunk, "choices": [], "usage": await usage_of(service, turn)})
     return finish + DONE
+
+
+def failed_status(error: ProviderError) -> int:
+    return SHUTTING_DOWN_STATUS if isinstance(error, ShuttingDown) else FAILED_STATUS
 
 
 def frame(data: dict[str, Any]) -> bytes:

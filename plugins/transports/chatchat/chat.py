@@ -22,6 +22,7 @@ from aiohttp_sse import EventSourceResponse
 from pydantic import BaseModel, ConfigDict
 
 from core.keys import CONFIG, SERVICE
+from core.providers import ProviderError, ShuttingDown
 from core.routes import caller_of
 from core.schemas import ChatRequest
 from core.turn import ClientDisconnected, TurnResult
@@ -30,6 +31,7 @@ from plugins.transports.frames import FrameWriter
 
 SEPARATOR = b"\r\n\r\n"  # what chatchat's own server (sse-starlette) sends
 FAILED_STATUS = 502  # an upstream failure: the status of an answer that is not streamed
+SHUTTING_DOWN_STATUS = 503  # cut short by a shutdown: try again, elsewhere or later
 
 
 class ChatchatSettings(BaseModel):
@@ -89,7 +91,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if not body.stream:
         result = await turn.run()
         if result.error is not None:
-            return json_response({**error_frame(result), "text": result.text}, FAILED_STATUS)
+            frame = error_frame(result)
+            return json_response({**frame, "text": result.text}, frame["code"])
         return json_response({"text": result.text, "message_id": result.message_id})
 
     framing = request.app[FRAMING]
@@ -118,6 +121,10 @@ def error_frame(result: TurnResult) -> dict[str, Any]:
         "text": "",
         "message_id": result.message_id,
         "error": {"type": result.error.type, "message": message},
-        "code": FAILED_STATUS,
+        "code": failed_status(result.error),
         "msg": message,
     }
+
+
+def failed_status(error: ProviderError) -> int:
+    return SHUTTING_DOWN_STATUS if isinstance(error, ShuttingDown) else FAILED_STATUS

@@ -68,10 +68,14 @@ def register_routes(app: web.Application, router: web.UrlDispatcher) -> None:
     settings = options.delivery(config)
 
     async def deliver_in_background(app: web.Application) -> AsyncIterator[None]:
-        deliverer = Deliverer(app[SERVICE].store.outbox, settings, app[METRICS])
+        service = app[SERVICE]
+        deliverer = Deliverer(service.store.outbox, settings, app[METRICS])
         await deliverer.start()
         yield
-        await deliverer.stop()
+        # Stopping last: the turns' ends, and the deliveries they owe, are written first, so
+        # that the ends of the turns a shutdown cut are delivered too, if there is time.
+        await service.drain(service.time_left())
+        await deliverer.stop(within=service.time_left())
 
     app.cleanup_ctx.append(deliver_in_background)
 

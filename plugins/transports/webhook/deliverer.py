@@ -17,8 +17,10 @@ claim and a release per poll for each due delivery of a saturated destination.
 Nothing ends the loop but `stop`: an exception in one attempt (a bug, a URL or secret that
 cannot be used) is logged and counts as a failed attempt; one while recording it is logged
 and leaves the delivery to its lease (tried again when it runs out); a failed claim is
-logged and claimed again after a poll. `stop` abandons the attempts in flight to their
-lease: they are tried again later, never lost.
+logged and claimed again after a poll. `stop(within)` first delivers what is due (at once,
+without waiting for a poll: the ends of the turns a shutdown cut among them) for up to
+`within` seconds, then abandons the attempts in flight to their lease: they are tried again
+later, never lost.
 """
 
 from __future__ import annotations
@@ -63,12 +65,17 @@ class Deliverer:
         self._in_flight: dict[asyncio.Task[None], str] = {}  # attempt -> its destination
         self._busy: Counter[str] = Counter()  # attempts in flight per destination
         self._slot_freed = asyncio.Event()
+        self._stopping = False  # deliver what is due, then end the loop
 
     async def start(self) -> None:
         self._http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         self._task = asyncio.create_task(self._run())
 
-    async def stop(self) -> None:
+    async def stop(self, within: float = 0.0) -> None:
+        if self._task is not None and within > 0:
+            self._stopping = True
+            self._slot_freed.set()  # claim now, not after a poll
+            await asyncio.wait({self._task}, timeout=within)
         tasks = [task for task in (self._task, *self._in_flight) if task is not None]
         for task in tasks:
             task.cancel()
@@ -80,10 +87,13 @@ class Deliverer:
     async def _run(self) -> None:
         while True:
             self._slot_freed.clear()  # before counting: a slot freed from here on wakes us
+            stopping = self._stopping  # before the claim: it sees every delivery written by then
             free = self.settings.concurrency - len(self._in_flight)
             claimed = await self._claim(free) if free > 0 else []
             for delivery in claimed:
                 await self._start_or_defer(delivery)
+            if stopping and not claimed and not self._in_flight:
+                return  # nothing was due, and nothing is on its way
             if free <= 0 or len(claimed) < free:  # else more may be due at once
                 await self._wait_for_a_slot_or_a_poll()
 
