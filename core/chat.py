@@ -122,8 +122,33 @@ class ChatService:
         self._done_by: float | None = None  # the loop time by which a shutdown is done
         self._callback_targets = {split_authority(entry) for entry in config.chat.callback_hosts}
 
-    async def start(self, request: ChatRequest, caller: Caller) -> ChatTurn:
-        """Steps 2-5 of the flow; raises ApiError before anything is stored."""
+    @asynccontextmanager
+    async def start(self, request: ChatRequest, caller: Caller) -> AsyncIterator[ChatTurn]:
+        """Steps 2-5 of the flow, as the scope of the turn's life: raises ApiError before
+        anything is stored; inside, the transport runs the turn (`await turn.run(send)`, or
+        `spawn(turn.run())` to answer in the background). A turn that leaves the scope
+        without having run (the client left, the response could not begin, the request was
+        cancelled while its record was being written) is ended `cancelled`, once, with its
+        event and deliveries."""
+        turn = await self._prepare(request, caller)
+        try:
+            with store_available():
+                await self.store.add_message(turn.record)
+        except asyncio.CancelledError:
+            self.spawn(turn.abandon())  # the write may still land: the end is written after it
+            raise
+        try:
+            started = ChatStarted(
+                **turn.ids, model=turn.record.model, history_turns=turn.history_turns
+            )
+            await self.publish(started)
+            yield turn
+        finally:
+            if not turn.claimed:
+                self.spawn(turn.abandon())
+
+    async def _prepare(self, request: ChatRequest, caller: Caller) -> ChatTurn:
+        """The turn, its model call built; nothing is stored yet."""
         model = request.model_name or self.default_model
         if self.models.get(model) is None:
             raise ApiError(
@@ -161,10 +186,7 @@ class ChatService:
         ]
         messages = self._hooks.prepare_messages(request=request, messages=messages)
         turn.call = ModelCall(messages, request.temperature, request.max_tokens)
-        with store_available():
-            await self.store.add_message(record)
-        turns = sum(message["role"] != "system" for message in history) // 2
-        await self.publish(ChatStarted(**turn.ids, model=model, history_turns=turns))
+        turn.history_turns = sum(message["role"] != "system" for message in history) // 2
         return turn
 
     async def feedback(self, request: FeedbackRequest, caller: Caller) -> None:

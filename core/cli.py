@@ -118,11 +118,11 @@ async def _chat_once(config: Config, request: ChatRequest) -> int:
 
     async with open_service(config) as service:
         try:
-            turn = await service.start(request, Caller(request_id=uuid.uuid4().hex))
+            async with service.start(request, Caller(request_id=uuid.uuid4().hex)) as turn:
+                result = await turn.run(send)
         except ApiError as exc:
             print(f"chatbus: {exc.message}", file=sys.stderr)
             return 2
-        result = await turn.run(send)
     print()
     if result.error is not None:
         print(f"chatbus: {result.error.type}: {result.error}", file=sys.stderr)

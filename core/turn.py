@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractContextManager, aclosing, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("chatbus.chat")
 
 Send = Callable[[str], Awaitable[None]]
+T = TypeVar("T")
 
 
 class ClientDisconnected(Exception):
@@ -49,10 +50,12 @@ class ChatTurn:
     """One stored turn on its way: run it once."""
 
     call: ModelCall
+    history_turns: int = 0  # the past turns sent with the query
 
     def __init__(self, service: ChatService, record: MessageRecord, request_id: str) -> None:
         self._service = service
         self.record = record
+        self.claimed = False  # a run (or abandon) owns the turn's end from then on
         self.ids = {
             "message_id": record.message_id,
             "conversation_id": record.conversation_id,
@@ -66,16 +69,29 @@ class ChatTurn:
     def message_id(self) -> str:
         return self.record.message_id
 
-    async def run(self, send: Send | None = None) -> TurnResult:
-        """Stream the answer to `send` (if given); store and publish how it ended.
+    def run(self, send: Send | None = None) -> Coroutine[Any, Any, TurnResult]:
+        """Stream the answer to `send` (if given); store and publish how it ended. Await it,
+        or spawn it: from this call on, the run owns the turn's end.
 
         On cancellation or `ClientDisconnected` the upstream call is closed at once, the
         partial text is recorded as `cancelled` in the background, and the error propagates.
         """
+        self.claimed = True
+        return self._logged(self._run(send))
+
+    async def abandon(self) -> None:
+        """End a turn that never ran: `cancelled`, with no answer (see ChatService.start)."""
+        if self.claimed:
+            return
+        self.claimed = True
+        await self._logged(self._finish(_Answer(self.record.model, time.perf_counter()),
+                                         Status.CANCELLED))  # fmt: skip
+
+    async def _logged(self, work: Coroutine[Any, Any, T]) -> T:
         with structlog.contextvars.bound_contextvars(
             message_id=self.message_id, conversation_id=self.record.conversation_id
         ):
-            return await self._run(send)
+            return await work
 
     async def _run(self, send: Send | None) -> TurnResult:
         answer = _Answer(model=self.record.model, started=time.perf_counter())

@@ -4,17 +4,22 @@ validation, what reaches the upstream, and the lifecycle events."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from chatbus.testing.fake_upstream import Behaviour, FakeUpstream
+from core.chat import Caller
 from core.events import ChatCompleted, ChatReceived, ChatStarted
 from core.history import Status
 from core.hookspecs import hookimpl
+from core.keys import SERVICE
 from core.providers import Usage
+from core.schemas import ChatRequest
 from tests.conftest import Chatbus, StartChatbus
 
 
@@ -640,3 +645,42 @@ async def test_no_checkpoint_when_they_are_off(start_chatbus: StartChatbus) -> N
         await asyncio.sleep(0.3)  # what would be several checkpoints of 0.05 s
         record = await chatbus.store.get_message("default", message_id)
     assert record is not None and (record.status, record.response) == (Status.STREAMING, "")
+
+
+# --- one owner per turn (ChatService.start's scope) -----------------------------------------
+
+
+async def test_a_client_that_leaves_while_its_turn_is_written_ends_it_cancelled(
+    chatbus: Chatbus, tmp_path: Path
+) -> None:
+    # Another connection holds the database's write lock: chatbus's write of the new turn
+    # waits for it (busy_timeout) while the client leaves.
+    lock = sqlite3.connect(tmp_path / "chat.db", isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        client = asyncio.create_task(chatbus.chat(query="x"))
+        (received,) = await chatbus.events.wait_for("chat_received")
+        await asyncio.sleep(0.1)  # the scenario: the write is now waiting for the lock
+        client.cancel()  # the client leaves
+        with contextlib.suppress(asyncio.CancelledError):
+            await client
+        await asyncio.sleep(0.2)  # the scenario: the server sees the connection close
+    finally:
+        lock.rollback()  # the write lands now, after the request is gone
+        lock.close()
+    (cancelled,) = await chatbus.events.wait_for("chat_cancelled")
+    assert cancelled.message_id == received.message_id
+    assert cancelled.text == ""  # type: ignore[attr-defined]
+    record = await chatbus.store.get_message("default", received.message_id)
+    assert record is not None and record.status is Status.CANCELLED
+
+
+async def test_a_turn_whose_response_cannot_begin_ends_cancelled(chatbus: Chatbus) -> None:
+    service = chatbus.app[SERVICE]
+    with contextlib.suppress(RuntimeError):
+        async with service.start(ChatRequest(query="x"), Caller(request_id="r1")) as turn:
+            raise RuntimeError("the response could not begin")  # as a failed prepare would
+    (cancelled,) = await chatbus.events.wait_for("chat_cancelled")
+    assert cancelled.message_id == turn.message_id
+    record = await chatbus.store.get_message("default", turn.message_id)
+    assert record is not None and record.status is Status.CANCELLED

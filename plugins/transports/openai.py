@@ -143,12 +143,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             field="model",
         )
     chat_request = to_chat_request(body, model, config.chat.max_query_chars)
-    caller = caller_of(request)
-    turn = await service.start(chat_request, caller)
-    if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return await stream(request, service, turn, include_usage)
+    async with service.start(chat_request, caller_of(request)) as turn:
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return await stream(request, service, turn, include_usage)
+        return await complete(service, turn)
 
+
+async def complete(service: ChatService, turn: ChatTurn) -> web.Response:
+    """The whole answer as one chat.completion body."""
     result = await turn.run()
     ids = {"message_id": result.message_id, "conversation_id": turn.record.conversation_id}
     if result.error is not None:

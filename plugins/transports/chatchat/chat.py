@@ -25,7 +25,7 @@ from core.keys import CONFIG, SERVICE
 from core.providers import ProviderError, ShuttingDown
 from core.routes import caller_of
 from core.schemas import ChatRequest
-from core.turn import ClientDisconnected, TurnResult
+from core.turn import ChatTurn, ClientDisconnected, TurnResult
 from core.web import json_response, read_body
 from plugins.transports.frames import FrameWriter
 
@@ -84,7 +84,13 @@ async def chat(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     body = await read_body(request, ChatRequest, max_query_chars=config.chat.max_query_chars)
     service = request.app[SERVICE]
-    turn = await service.start(body, caller_of(request))
+    async with service.start(body, caller_of(request)) as turn:
+        return await answer(request, turn, body)
+
+
+async def answer(request: web.Request, turn: ChatTurn, body: ChatRequest) -> web.StreamResponse:
+    """The turn's answer: in the background for a callback, as one body, or streamed."""
+    config, service = request.app[CONFIG], request.app[SERVICE]
     if body.callback_url is not None:  # async mode: the answer goes to the callback
         service.spawn(turn.run())
         return json_response({"message_id": turn.message_id, "status": "accepted"}, 202)
