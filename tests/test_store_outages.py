@@ -240,7 +240,8 @@ async def test_a_wrong_mongodb_password_is_an_unavailable_store(
     server.start()
     try:
         monkeypatch.setenv("CHATBUS_TEST_MONGO_URI", server.uri("chatbus:wr0ng-pa55word"))
-        history = {"backend": "mongo", "mongo": {"uri_env": "CHATBUS_TEST_MONGO_URI"}}
+        mongo = {"uri_env": "CHATBUS_TEST_MONGO_URI", "server_selection_timeout": 0.5}
+        history = {"backend": "mongo", "mongo": mongo}
         chatbus = await start_chatbus(history=history)  # it starts: no traceback, no exit
         status, body = await ready(chatbus)
         assert status == 503
@@ -252,6 +253,7 @@ async def test_a_wrong_mongodb_password_is_an_unavailable_store(
         chatbus = await start_chatbus(history=history)
         assert (await ready(chatbus))[0] == 200
         assert (await chatbus.chat_json(query="in"))[0] == 200
+        await chatbus.close()  # while its server still runs
     finally:
         server.stop()
     captured = capsys.readouterr()
