@@ -787,3 +787,14 @@ async def test_upstream_failure_through_chatbus(
     assert record is not None
     assert record.status is Status.FAILED
     assert len(upstream.received) == 1  # not retryable
+
+
+@pytest.mark.parametrize("content_type", ["text/html", "application/json", None])
+async def test_a_200_that_is_no_event_stream_is_malformed(
+    upstream: FakeUpstream, key: str, content_type: str | None
+) -> None:
+    body = b"<html><body><h1>Welcome to nginx!</h1></body></html>\n"
+    upstream.behaviour = Behaviour(raw_body=body, raw_type=content_type)
+    exc, pieces = await failure(provider_for(upstream))
+    assert type(exc) is MalformedResponse  # not an empty answer, and not retried
+    assert pieces == []

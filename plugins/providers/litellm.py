@@ -166,6 +166,7 @@ class LiteLLMProvider:
         response = None
         usage = None
         finished = False
+        said = False
         try:
             response = await litellm.acompletion(**kwargs)
             async for chunk in response:
@@ -174,6 +175,7 @@ class LiteLLMProvider:
                     choice = choices[0]
                     content = choice.delta.content
                     if content:
+                        said = True
                         yield content
                     finished = finished or bool(choice.finish_reason)
                 found = getattr(chunk, "usage", None)
@@ -196,6 +198,12 @@ class LiteLLMProvider:
                 # the client went away or the answer ended at its usage (litellm closes it
                 # itself when read to the end, or on an error).
                 await response.aclose()
+        if not said and usage is None:
+            # The OpenAI SDK skips whatever is not an event (an HTML page, a JSON body), and
+            # litellm then makes up a finish: an answer of nothing at all, with no count.
+            raise MalformedResponse(
+                "the upstream's answer held no event: is it an OpenAI-compatible API?"
+            )
         counts = Usage.of(usage)
         if counts is not None:
             yield counts
