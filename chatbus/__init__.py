@@ -10,6 +10,13 @@ docs/plugins.md documents each hook and these types.
 from __future__ import annotations
 
 from core.config import Config, ConfigError, ModelConfig, plugin_settings
+from core.errors import (
+    CallbackNotAllowed,
+    ChatError,
+    MessageNotFound,
+    UnknownModel,
+    UnknownPrompt,
+)
 from core.events import (
     LIFECYCLE_EVENTS,
     ChatCancelled,
@@ -80,9 +87,11 @@ __all__ = [
     "ApiError",
     "AuthenticationFailed",
     "BadRequest",
+    "CallbackNotAllowed",
     "ChatCancelled",
     "ChatCompleted",
     "ChatEnded",
+    "ChatError",
     "ChatEvent",
     "ChatFailed",
     "ChatReceived",
@@ -103,6 +112,7 @@ __all__ = [
     "HistoryStoreFactory",
     "MalformedResponse",
     "Message",
+    "MessageNotFound",
     "MessageRecord",
     "ModelCall",
     "ModelConfig",
@@ -117,6 +127,8 @@ __all__ = [
     "StoreUnavailable",
     "Turn",
     "TurnResult",
+    "UnknownModel",
+    "UnknownPrompt",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "Usage",

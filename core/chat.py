@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,6 +23,7 @@ import structlog
 
 from core.bus import EventBus
 from core.config import Config, split_authority
+from core.errors import CallbackNotAllowed, MessageNotFound, UnknownModel, UnknownPrompt
 from core.events import (
     ChatFailed,
     ChatReceived,
@@ -37,7 +38,6 @@ from core.registry import ModelRegistry
 from core.schemas import ChatRequest, FeedbackRequest
 from core.templates import PromptTemplates
 from core.turn import ChatTurn
-from core.web import ApiError
 
 log = structlog.get_logger("chatbus.chat")
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -49,16 +49,6 @@ INTERRUPTED = "interrupted"  # the error type of a turn a crash left unfinished
 # of the rest of the second a shutdown may last past its grace.
 CLOSE_SECONDS = 0.6
 CUT_SHORT = "chatbus is shutting down; the answer was cut short"
-
-
-@contextmanager
-def store_available() -> Iterator[None]:
-    try:
-        yield
-    except StoreUnavailable as exc:
-        raise ApiError(
-            503, "store_unavailable", f"the history store is unavailable ({exc}); try again"
-        ) from None
 
 
 def callback_problem(url: str, allowed: set[tuple[str, int | None]]) -> str | None:
@@ -124,16 +114,15 @@ class ChatService:
 
     @asynccontextmanager
     async def start(self, request: ChatRequest, caller: Caller) -> AsyncIterator[ChatTurn]:
-        """Steps 2-5 of the flow, as the scope of the turn's life: raises ApiError before
-        anything is stored; inside, the transport runs the turn (`await turn.run(send)`, or
-        `spawn(turn.run())` to answer in the background). A turn that leaves the scope
-        without having run (the client left, the response could not begin, the request was
-        cancelled while its record was being written) is ended `cancelled`, once, with its
-        event and deliveries."""
+        """Steps 2-5 of the flow, as the scope of the turn's life: raises a ChatError (or
+        StoreUnavailable) before anything is stored; inside, the transport runs the turn
+        (`await turn.run(send)`, or `spawn(turn.run())` to answer in the background). A
+        turn that leaves the scope without having run (the client left, the response could
+        not begin, the request was cancelled while its record was being written) is ended
+        `cancelled`, once, with its event and deliveries."""
         turn = await self._prepare(request, caller)
         try:
-            with store_available():
-                await self.store.add_message(turn.record)
+            await self.store.add_message(turn.record)
         except asyncio.CancelledError:
             self.spawn(turn.abandon())  # the write may still land: the end is written after it
             raise
@@ -151,20 +140,9 @@ class ChatService:
         """The turn, its model call built; nothing is stored yet."""
         model = request.model_name or self.default_model
         if self.models.get(model) is None:
-            raise ApiError(
-                400,
-                "unknown_model",
-                f"model_name: unknown model '{model}' (configured: {', '.join(self.models.names)})",
-                field="model_name",
-            )
+            raise UnknownModel(model, self.models.names)
         if request.prompt_name not in self.prompts:
-            raise ApiError(
-                400,
-                "unknown_prompt",
-                f"prompt_name: unknown prompt"
-                f" '{request.prompt_name}' (configured: {', '.join(self.prompts.names)})",
-                field="prompt_name",
-            )
+            raise UnknownPrompt(request.prompt_name, self.prompts.names)
         if request.callback_url is not None:
             self._check_callback(request.callback_url)
         record = MessageRecord(
@@ -178,8 +156,7 @@ class ChatService:
         )
         turn = ChatTurn(self, record, caller.request_id)
         await self.publish(ChatReceived(**turn.ids, model=model, stream=request.stream))
-        with store_available():
-            history = await self._history(request, caller.tenant)
+        history = await self._history(request, caller.tenant)
         messages = [
             *history,
             {"role": "user", "content": self.prompts.render(request.prompt_name, request.query)},
@@ -190,17 +167,11 @@ class ChatService:
         return turn
 
     async def feedback(self, request: FeedbackRequest, caller: Caller) -> None:
-        with store_available():
-            record = await self.store.set_feedback(
-                caller.tenant, request.message_id, request.score, request.reason
-            )
+        record = await self.store.set_feedback(
+            caller.tenant, request.message_id, request.score, request.reason
+        )
         if record is None:
-            raise ApiError(
-                404,
-                "not_found",
-                f"message_id: no message '{request.message_id}'",
-                field="message_id",
-            )
+            raise MessageNotFound(request.message_id)
         await self.publish(
             FeedbackReceived(
                 message_id=record.message_id,
@@ -216,10 +187,7 @@ class ChatService:
         not make chatbus call anything else (server-side request forgery)."""
         problem = callback_problem(url, self._callback_targets)
         if problem is not None:
-            allowed = ", ".join(self.config.callback_hosts) or "none: set [chat] callback_hosts"
-            raise ApiError(400, "callback_not_allowed", f"callback_url: {problem}; an http(s)"
-                           f" URL on an allowed host and port is required (allowed: {allowed})",
-                           field="callback_url")  # fmt: skip
+            raise CallbackNotAllowed(problem, self.config.callback_hosts)
 
     async def end_interrupted(self, started_before: float) -> None:
         """End the turns a crash left `streaming` (those that started before this time):

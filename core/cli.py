@@ -15,11 +15,11 @@ from pydantic import ValidationError
 
 from core.chat import Caller
 from core.config import Config, ConfigError, load_config
+from core.errors import ChatError, StoreUnavailable
 from core.logs import configure_logging
 from core.outbox import DeliveryStatus
 from core.schemas import ChatRequest
 from core.validation import first_problem
-from core.web import ApiError
 
 T = TypeVar("T")
 
@@ -120,8 +120,8 @@ async def _chat_once(config: Config, request: ChatRequest) -> int:
         try:
             async with service.start(request, Caller(request_id=uuid.uuid4().hex)) as turn:
                 result = await turn.run(send)
-        except ApiError as exc:
-            print(f"chatbus: {exc.message}", file=sys.stderr)
+        except (ChatError, StoreUnavailable) as exc:
+            print(f"chatbus: {exc}", file=sys.stderr)
             return 2
     print()
     if result.error is not None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from core.chat import Caller, store_available
+from core.chat import Caller
 from core.history import Conversation, HistoryStore, MessageRecord
 from core.keys import SERVICE
 from core.web import ApiError, json_response
@@ -41,8 +41,7 @@ class ConversationRoutes:
         """The caller's conversations, the most recently active first, paged."""
         limit, offset = _page(request, CONVERSATIONS_LIMIT, CONVERSATIONS_MAX)
         tenant = self._caller_of(request).tenant
-        with store_available():
-            found = await _store(request).conversations(tenant, limit, offset)
+        found = await _store(request).conversations(tenant, limit, offset)
         return json_response(
             {
                 "conversations": [_conversation(conversation) for conversation in found],
@@ -56,10 +55,9 @@ class ConversationRoutes:
         tenant = self._caller_of(request).tenant
         conversation_id = request.match_info["conversation_id"]
         store = _store(request)
-        with store_available():
-            found = await store.messages(tenant, conversation_id, limit, offset)
-            # An empty page past the end of a conversation that exists is not a 404.
-            exists = bool(found) or bool(await store.messages(tenant, conversation_id, 1, 0))
+        found = await store.messages(tenant, conversation_id, limit, offset)
+        # An empty page past the end of a conversation that exists is not a 404.
+        exists = bool(found) or bool(await store.messages(tenant, conversation_id, 1, 0))
         if not exists:
             raise _not_found(conversation_id)
         return json_response(
@@ -74,8 +72,7 @@ class ConversationRoutes:
         """Delete a conversation's turns: 200 with how many, or 404 when there were none."""
         tenant = self._caller_of(request).tenant
         conversation_id = request.match_info["conversation_id"]
-        with store_available():
-            deleted = await _store(request).delete_conversation(tenant, conversation_id)
+        deleted = await _store(request).delete_conversation(tenant, conversation_id)
         if not deleted:
             raise _not_found(conversation_id)
         return json_response({"conversation_id": conversation_id, "deleted": deleted})

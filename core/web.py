@@ -13,6 +13,14 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from core.errors import (
+    CallbackNotAllowed,
+    ChatError,
+    MessageNotFound,
+    StoreUnavailable,
+    UnknownModel,
+    UnknownPrompt,
+)
 from core.validation import problem_of
 
 log = structlog.get_logger("chatbus.web")
@@ -32,11 +40,13 @@ class ApiError(Exception):
         message: str,
         field: str | None = None,
         headers: dict[str, str] | None = None,
+        cause: Exception | None = None,
         **extra: Any,
     ) -> None:
         super().__init__(message)
         self.status, self.type, self.message, self.field = status, type, message, field
         self.headers = headers
+        self.cause = cause  # the domain error it answers, if one
         self.extra = extra
 
     def body(self) -> dict[str, Any]:
@@ -103,11 +113,32 @@ def request_context(access_log: bool) -> Any:
     return middleware
 
 
+# The HTTP status of each of the chat service's errors (core/errors.py), chatbus's own wire;
+# a transport's error shape (`answer_errors_as`) may answer one otherwise (`ApiError.cause`).
+STATUS_OF: dict[type[ChatError], int] = {
+    UnknownModel: 400,
+    UnknownPrompt: 400,
+    CallbackNotAllowed: 400,
+    MessageNotFound: 404,
+}
+
+
+def api_error(exc: ChatError | StoreUnavailable) -> ApiError:
+    """A domain error as the answer to a request."""
+    if isinstance(exc, StoreUnavailable):
+        message = f"the history store is unavailable ({exc}); try again"
+        return ApiError(503, "store_unavailable", message, cause=exc)
+    status = next((s for kind, s in STATUS_OF.items() if isinstance(exc, kind)), 400)
+    return ApiError(status, exc.type, exc.message, field=exc.field, cause=exc)
+
+
 async def _answer(request: web.Request, handler: Any, request_id: str) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
         error = exc
+    except (ChatError, StoreUnavailable) as exc:
+        error = api_error(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

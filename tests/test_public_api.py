@@ -45,3 +45,11 @@ def test_the_example_plugin_and_the_docs_import_chatbus_only() -> None:
         assert [
             line for block in blocks for line in block.splitlines() if "from core" in line
         ] == []
+
+
+def test_the_domain_knows_no_http() -> None:
+    """The chat service and its turn raise domain errors (core/errors.py); HTTP statuses
+    are chosen at the edge (core/web.py) and by the transports."""
+    server = re.compile(r"^\s*(from aiohttp import web|from aiohttp\.web|from core\.web)", re.M)
+    for name in ("chat.py", "turn.py", "errors.py", "events.py", "history.py", "providers.py"):
+        assert not server.search((ROOT / "core" / name).read_text()), name

@@ -20,6 +20,7 @@ from aiohttp_sse import EventSourceResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from core.chat import ChatService
+from core.errors import UnknownModel
 from core.history import StoreUnavailable
 from core.hookspecs import hookimpl
 from core.keys import CONFIG, SERVICE
@@ -93,6 +94,10 @@ def register_routes(app: web.Application, router: web.UrlDispatcher) -> None:
 def openai_error(error: ApiError) -> web.Response:
     """Every error under /v1/ before a response began, in OpenAI's shape: a missing key's 401
     and an unknown path's 404 too."""
+    if isinstance(error.cause, UnknownModel):  # OpenAI answers an unknown model with a 404
+        known = ", ".join(error.cause.known)
+        message = f"model: the model '{error.cause.name}' does not exist (configured: {known})"
+        return error_response(404, "model_not_found", message, "model")
     status = 400 if error.status == 422 else error.status  # OpenAI: every bad input is 400
     return error_response(status, error.type, error.message, error.field, error.headers)
 
@@ -134,14 +139,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     body = await read_body(request, CompletionRequest)
     model = body.model or service.default_model
-    if service.models.get(model) is None:  # OpenAI answers an unknown model with a 404
-        raise ApiError(
-            404,
-            "model_not_found",
-            f"model: the model '{model}' does not exist"
-            f" (configured: {', '.join(service.models.names)})",
-            field="model",
-        )
     chat_request = to_chat_request(body, model, config.chat.max_query_chars)
     async with service.start(chat_request, caller_of(request)) as turn:
         if body.stream:
