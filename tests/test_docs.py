@@ -83,3 +83,15 @@ def test_every_hook_is_implemented_or_called_by_a_test(hook: str) -> None:
     pattern = re.compile(rf"\bdef {hook}\(|\bhook\.{hook}\(")
     testing = [path.name for path, source in sources_of_tests().items() if pattern.search(source)]
     assert testing, f"no test under tests/ implements or calls the hook {hook}"
+
+
+def test_the_docs_name_every_built_in_plugin() -> None:
+    from core.plugins import BUILTIN_PLUGINS
+
+    text = PLUGINS_DOC.read_text(encoding="utf-8")
+    missing = [
+        name
+        for name in BUILTIN_PLUGINS
+        if f"`{name}`" not in text and f"`.{name.rsplit('.', 1)[1]}`" not in text
+    ]
+    assert missing == []
