@@ -64,7 +64,7 @@ class AsyncSubscriber:
 
     @hookimpl
     async def chat_completed(self, event: ChatCompleted) -> None:
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # it really suspends, as async subscribers do; not a wait
         self.events.append(event)
 
 
@@ -77,7 +77,7 @@ class Raising:
 class AsyncRaising:
     @hookimpl
     async def chat_completed(self, event: ChatCompleted) -> None:
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # it really suspends before it raises; not a wait
         raise RuntimeError("async subscriber broke")
 
 
@@ -90,7 +90,7 @@ class Hanging:
     async def chat_completed(self, event: ChatCompleted) -> None:
         self.started = True
         try:
-            await asyncio.sleep(60)
+            await asyncio.sleep(60)  # a subscriber that hangs: the scenario, not a wait
         except asyncio.CancelledError:
             self.cancelled = True
             raise
@@ -235,7 +235,7 @@ async def test_drain_waits_for_events_published_by_subscribers() -> None:
     class Republisher:
         @hookimpl
         async def chat_started(self, event: ChatStarted) -> None:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # publishes later, while drain waits: not a wait
             bus.publish(completed(event.message_id))
 
     bus = EventBus(manager(Republisher(), sync), timeout=5)
