@@ -25,8 +25,8 @@ from prometheus_client import CollectorRegistry
 from standardwebhooks import Webhook
 
 from core.app import create_app
-from core.config import ConfigError
-from core.events import ChatCompleted
+from core.config import Config, ConfigError
+from core.events import ChatCompleted, Event
 from core.history import HistoryStore
 from core.hookspecs import hookimpl
 from core.outbox import Delivery, DeliveryStatus
@@ -295,6 +295,56 @@ def test_plan_deliveries_for_subscribed_endpoints_only(tmp_path: Any) -> None:
     )
     payload = orjson.loads(delivery.payload)
     assert payload["data"]["text"] == "answer" and payload["data"]["status"] == "completed"
+
+
+class AuditPlanner:
+    """A plugin of the test that plans a delivery of its own for each completed chat: an
+    audit record to `url`, signed with HOOK_SECRET's secret."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.asked: list[tuple[str, str]] = []  # (the event's hook, the config's default model)
+
+    @hookimpl
+    def plan_deliveries(self, event: Event, config: Config) -> list[Delivery] | None:
+        self.asked.append((event.hook, config.default_model))
+        if not isinstance(event, ChatCompleted):
+            return None
+        payload = {"type": "audit", "message_id": event.message_id, "text": event.text}
+        return [
+            Delivery(delivery_id=f"msg_audit_{event.message_id}", url=self.url, event_type="audit",
+                     payload=orjson.dumps(payload).decode(), secret_env="HOOK_SECRET",
+                     message_id=event.message_id, next_attempt_at=event.at, created_at=event.at)
+        ]  # fmt: skip
+
+
+async def test_a_plugins_planned_delivery_is_written_and_delivered(
+    start_chatbus: StartChatbus, receiver: Receiver
+) -> None:
+    planner = AuditPlanner(receiver.url)
+    chatbus = await start_chatbus(planner, webhook_delivery=FAST)  # no [webhooks]: its own only
+    stream = await chatbus.chat(query="audit me")
+    (message_id,) = stream.message_ids
+    await receiver.wait_for(1)
+    headers, body = receiver.requests[0]
+    assert Webhook(SECRET).verify(body, headers) == {
+        "type": "audit",
+        "message_id": message_id,
+        "text": "audit me",
+    }
+    assert headers["webhook-id"] == f"msg_audit_{message_id}"
+    delivered = await settled(chatbus, DeliveryStatus.DELIVERED)
+    assert (delivered.delivery_id, delivered.event_type, delivered.message_id) == (
+        f"msg_audit_{message_id}",
+        "audit",
+        message_id,
+    )
+    # Asked for every lifecycle event of the chat, in order, with the running config.
+    assert planner.asked == [
+        ("chat_received", "echo"),
+        ("chat_started", "echo"),
+        ("chat_completed", "echo"),
+    ]
 
 
 class BrokenPlanner:
