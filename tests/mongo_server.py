@@ -11,12 +11,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
+
+from tests.waiting import wait_until_blocking
 
 URI_ENV = "CHATBUS_TEST_MONGODB_URI"
 START_TIMEOUT = 30.0
@@ -62,24 +63,27 @@ class MongoServer:
         self.process = None
 
     def _wait_until_it_answers(self) -> None:
+        try:
+            wait_until_blocking(self._answers, "SecantusDB answering", START_TIMEOUT, 0.05)
+        except AssertionError:
+            self.stop()
+            raise RuntimeError(f"SecantusDB did not answer within {START_TIMEOUT:.0f} s") from None
+
+    def _answers(self) -> bool:
         assert self.process is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                error = self.process.stderr.read().decode() if self.process.stderr else ""
-                raise RuntimeError(f"SecantusDB exited {self.process.returncode}: {error[-500:]}")
-            client: MongoClient[dict[str, object]] = MongoClient(
-                self.uri(), serverSelectionTimeoutMS=200
-            )
-            try:
-                client.admin.command("hello")  # answered without credentials, --auth or not
-                return
-            except PyMongoError:
-                time.sleep(0.05)
-            finally:
-                client.close()
-        self.stop()
-        raise RuntimeError(f"SecantusDB did not answer within {START_TIMEOUT:.0f} s")
+        if self.process.poll() is not None:
+            error = self.process.stderr.read().decode() if self.process.stderr else ""
+            raise RuntimeError(f"SecantusDB exited {self.process.returncode}: {error[-500:]}")
+        client: MongoClient[dict[str, object]] = MongoClient(
+            self.uri(), serverSelectionTimeoutMS=200
+        )
+        try:
+            client.admin.command("hello")  # answered without credentials, --auth or not
+            return True
+        except PyMongoError:
+            return False
+        finally:
+            client.close()
 
 
 @dataclass(frozen=True)

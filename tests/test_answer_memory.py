@@ -9,7 +9,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 
 from core.config import DEFAULT_ANSWER_CHARS
 from tests.test_cli import ROOT, free_port, wait_until_listening
+from tests.waiting import wait_until_blocking
 
 RSS_LIMIT_KB = 200 * 1024
 
@@ -53,11 +53,12 @@ def endless_upstream(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator
     command += [*request.param, "--ready-file", str(ready)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 15
-        while not ready.exists():
+
+        def started() -> bool:
             assert process.poll() is None, "the fake upstream exited"
-            assert time.monotonic() < deadline, "the fake upstream did not start in 15 s"
-            time.sleep(0.05)
+            return ready.exists()
+
+        wait_until_blocking(started, "the fake upstream started", timeout=15)
         yield ready.read_text()
     finally:
         stop(process)

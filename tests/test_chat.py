@@ -15,12 +15,13 @@ import pytest
 from chatbus.testing.fake_upstream import Behaviour, FakeUpstream
 from core.chat import Caller
 from core.events import ChatCompleted, ChatReceived, ChatStarted
-from core.history import Status
+from core.history import MessageRecord, Status
 from core.hookspecs import hookimpl
 from core.keys import SERVICE
 from core.providers import Usage
 from core.schemas import ChatRequest
 from tests.conftest import Chatbus, StartChatbus
+from tests.waiting import wait_until
 
 
 def stored_rows(chatbus: Chatbus) -> list[tuple[Any, ...]]:
@@ -377,7 +378,7 @@ class Hanging:
     @hookimpl
     async def chat_received(self, event: Any) -> None:
         try:
-            await asyncio.sleep(60)
+            await asyncio.sleep(60)  # a subscriber that hangs: the scenario, not a wait
         except asyncio.CancelledError:
             self.cut_off.set()
             raise
@@ -429,7 +430,7 @@ class OddPieces:
         yield None
         yield 42
         yield "a "
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # a provider's pause between pieces, not a wait
         yield Usage(prompt_tokens=1, completion_tokens=2)
         yield b"bytes"
         yield "b"
@@ -610,6 +611,13 @@ async def test_the_time_limit_covers_the_retries(
 # --- checkpoints of a streaming answer (core/turn.py) ---------------------------------------
 
 
+async def checkpoint(chatbus: Chatbus, message_id: str) -> MessageRecord | None:
+    """The record of a streaming turn once it keeps some of the answer, else None."""
+    record = await chatbus.store.get_message("default", message_id)
+    assert record is not None and record.status is Status.STREAMING
+    return record if record.response else None
+
+
 async def test_a_streaming_answer_is_checkpointed_as_it_goes(start_chatbus: StartChatbus) -> None:
     chatbus = await start_chatbus(
         chat={"checkpoint_seconds": 0.05},
@@ -624,13 +632,7 @@ async def test_a_streaming_answer_is_checkpointed_as_it_goes(start_chatbus: Star
                 seen += frame["text"]
                 if len(seen) >= len("".join(words[:10])):
                     break  # a third of the answer: look at what is stored meanwhile
-        async with asyncio.timeout(5):
-            while True:
-                record = await chatbus.store.get_message("default", frame["message_id"])
-                assert record is not None and record.status is Status.STREAMING
-                if record.response:
-                    break
-                await asyncio.sleep(0.02)
+        record = await wait_until(lambda: checkpoint(chatbus, frame["message_id"]), "a checkpoint")
     assert seen.startswith(record.response)  # what the client saw, up to a checkpoint
 
 

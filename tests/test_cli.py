@@ -10,10 +10,11 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.waiting import wait_until_blocking
 
 ROOT = Path(__file__).parents[1]
 CHATBUS = [sys.executable, "-m", "core.cli"]
@@ -70,14 +71,12 @@ def readme_curl() -> str:
 
 
 def wait_until_listening(port: int, process: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         assert process.poll() is None, process.communicate()[1]
         with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError("chatbus serve did not start listening in 15 s")
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until_blocking(listening, "chatbus serve listening", timeout=15)
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")

@@ -21,6 +21,7 @@ from chatbus.testing.fake_upstream import FakeUpstream
 from core.history import Status
 from plugins.history_sqlite.store import SqliteStore
 from tests.test_cli import CHATBUS, ROOT, free_port, wait_until_listening
+from tests.waiting import wait_until
 
 ASYNC_CHATS = 15
 SECRET = "whsec_" + base64.b64encode(b"chatbus-crash-test-secret-012345").decode()
@@ -79,6 +80,21 @@ def serve(config: Path, port: int) -> subprocess.Popen[str]:
     return process
 
 
+async def checkpointed(path: Path, message_id: str, seen: str) -> None:
+    """Wait until a checkpoint stored past what the client has read: the kill finds it."""
+    store = SqliteStore(str(path))
+    await store.open()
+
+    async def past_what_was_read() -> bool:
+        record = await store.get_message("default", message_id)
+        return record is not None and len(record.response) >= len(seen)
+
+    try:
+        await wait_until(past_what_was_read, "a checkpoint past what was read", timeout=10)
+    finally:
+        await store.close()
+
+
 async def test_kill_9_mid_answer_then_restart(tmp_path: Path, upstream: FakeUpstream) -> None:
     upstream.behaviour.tokens = [f"t{i} " for i in range(400)]
     upstream.behaviour.delay = 0.05  # 20 s an answer: every one is running at the kill
@@ -104,7 +120,7 @@ async def test_kill_9_mid_answer_then_restart(tmp_path: Path, upstream: FakeUpst
                         seen += frame["text"]
                         if len(seen) > 60:  # a second of answer: checkpoints have been made
                             break
-                await asyncio.sleep(0.5)  # one more checkpoint past what was read
+                await checkpointed(tmp_path / "crash.db", frame["message_id"], seen)
                 first.send_signal(signal.SIGKILL)
                 first.wait(10)
         assert receiver.bodies == []  # nothing ended before the kill

@@ -70,16 +70,25 @@ def test_every_lifecycle_event_field_is_documented_in_its_hook_section(
 
 
 def sources_of_tests() -> dict[Path, str]:
+    """The test modules, this one left out. Fixture modules (conftest.py, whose recorder
+    implements every lifecycle hook for every test, the fake servers, the helpers) are not
+    tests: a hook they implement is not thereby tested."""
     return {
         path: path.read_text(encoding="utf-8")
-        for path in sorted(TESTS.rglob("*.py"))
+        for path in sorted(TESTS.rglob("test_*.py"))
         if path.resolve() != Path(__file__).resolve()
     }
 
 
+def test_fixture_modules_do_not_count_as_tests() -> None:
+    names = {path.name for path in sources_of_tests()}
+    assert "conftest.py" not in names and "fake_upstream.py" not in names
+    assert "test_bus.py" in names
+
+
 @pytest.mark.parametrize("hook", HOOKS)
 def test_every_hook_is_implemented_or_called_by_a_test(hook: str) -> None:
-    """A test implements it (`def <hook>(`) or calls it explicitly (`hook.<hook>(`)."""
+    """A test module implements it (`def <hook>(`) or calls it explicitly (`hook.<hook>(`)."""
     pattern = re.compile(rf"\bdef {hook}\(|\bhook\.{hook}\(")
     testing = [path.name for path, source in sources_of_tests().items() if pattern.search(source)]
     assert testing, f"no test under tests/ implements or calls the hook {hook}"

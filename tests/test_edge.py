@@ -22,6 +22,7 @@ import structlog
 
 from tests.conftest import Chatbus, StartChatbus
 from tests.test_cli import ROOT, free_port
+from tests.waiting import wait_until
 
 BOUND = 10.0  # seconds: generous, for a loaded machine; what is waited on is the socket itself
 LIVE = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -73,7 +74,7 @@ async def test_headers_not_complete_in_time_close_the_connection(
 
         async def drip() -> None:  # a byte now and then does not extend the deadline
             while trickle:
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # the client's pace, not a wait
                 writer.write(b"x")
 
         dripping = asyncio.create_task(drip())
@@ -311,7 +312,7 @@ class Slowloris:
             try:
                 reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
             except OSError:
-                await asyncio.sleep(1)
+                await asyncio.sleep(1)  # the attack's pace: it tries again a second later
                 continue
             self.connected += 1
             self.more.set()
@@ -326,7 +327,7 @@ class Slowloris:
             finally:
                 self.writers.discard(writer)
                 writer.close()
-            await asyncio.sleep(1)
+            await asyncio.sleep(1)  # the attack's pace: back a second after a close
 
     async def reconnected(self, count: int) -> None:
         """Wait until `count` more connections have been made."""
@@ -346,16 +347,16 @@ class Slowloris:
 
 
 async def listening(port: int, process: asyncio.subprocess.Process) -> None:
-    async with asyncio.timeout(15):
-        while True:
-            assert process.returncode is None, "chatbus serve exited"
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            return
+    async def accepts() -> bool:
+        assert process.returncode is None, "chatbus serve exited"
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return False
+        writer.close()
+        return True
+
+    await wait_until(accepts, "chatbus serve listening", timeout=15)
 
 
 def raise_own_fd_limit(wanted: int) -> tuple[int, int]:

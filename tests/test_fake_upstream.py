@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from chatbus.testing.fake_upstream import DEFAULT_TOKENS, Behaviour, FakeUpstream
+from tests.waiting import wait_until
 
 MESSAGES = [
     {"role": "system", "content": "be brief"},
@@ -241,7 +242,7 @@ async def test_first_delay(upstream: FakeUpstream, session: aiohttp.ClientSessio
     upstream.behaviour.first_delay = 0.3
     url = f"{upstream.base_url}/chat/completions"
     task = asyncio.ensure_future(session.post(url, json=_request()))
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: upstream.received, "the request at the upstream")
     assert len(upstream.received) == 1  # recorded before the delay
     assert not task.done()
     resp = await task
@@ -263,11 +264,7 @@ async def test_client_closes_mid_stream(
     assert await upstream.wait_for_close(1.0)
     assert time.monotonic() - started < 1.0
     assert upstream.closed_early == 1
-    for _ in range(50):
-        if upstream.open_streams == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert upstream.open_streams == 0
+    await wait_until(lambda: upstream.open_streams == 0, "the stream closed")
 
 
 async def test_close_with_open_stream_is_not_closed_early(session: aiohttp.ClientSession) -> None:

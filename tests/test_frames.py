@@ -16,6 +16,7 @@ from aiohttp import ClientConnectionResetError, web
 
 from core.turn import ClientDisconnected
 from plugins.transports.frames import HELD_LIMIT, BurstWriter, FrameWriter
+from tests.waiting import wait_until
 
 HEAD, TAIL = b'data: {"text":', b"}\n\n"
 LAST = b"data: {}\n\n"
@@ -101,7 +102,7 @@ async def read_all(server: Server, script: Script, pause: float = 0.0) -> list[s
     server.script = script
     texts: list[str] = []
     async with aiohttp.ClientSession() as session, session.get(server.url) as response:
-        await asyncio.sleep(pause)
+        await asyncio.sleep(pause)  # a client that reads late on purpose, not a wait
         async for line in response.content:
             if line.startswith(b"data: "):
                 frame = json.loads(line[6:])
@@ -203,10 +204,12 @@ async def test_frames_keep_their_order_while_the_client_reads_slowly(server: Ser
 async def test_a_failed_write_of_held_frames_reaches_the_next_send(server: Server) -> None:
     server.resets = {1}  # only the write of the held frames fails
 
-    async def burst(frames: FrameWriter, _: Server) -> None:
+    async def burst(frames: FrameWriter, srv: Server) -> None:
         await frames.send("a")
         await frames.send("b")  # held, then its write fails in the flushing task
-        await asyncio.sleep(0.05)
+        response = srv.response
+        assert response is not None
+        await wait_until(lambda: response.attempts == 2, "the write of the held frames")
         with pytest.raises(ClientDisconnected) as caught:
             await frames.send("c")  # not written: the turn learns the client is gone
         assert isinstance(caught.value.__cause__, ConnectionResetError)
@@ -223,7 +226,7 @@ async def test_a_client_that_left_becomes_client_disconnected(server: Server) ->
         for i in range(10_000):
             await frames.send(f"t{i}")
             await frames.send(f"u{i}")  # held, then written by the flushing task
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # a provider's pace, not a wait
 
     server.script = endless
     async with aiohttp.ClientSession() as session, session.get(server.url) as response:
@@ -257,7 +260,7 @@ async def test_a_cancelled_handler_leaves_no_write_behind(server: Server) -> Non
         while not srv.response.writing:  # until held frames wait for a client that never reads
             await frames.send("x" * 1000)
             await frames.send("y" * 1000)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # ends the burst, so the flushing task writes what is held
         blocked.set()
         await asyncio.Event().wait()  # cancelled here, as a handler is at shut-down
 
@@ -269,5 +272,5 @@ async def test_a_cancelled_handler_leaves_no_write_behind(server: Server) -> Non
         assert server.task is not None
         server.task.cancel()
         assert isinstance(await asyncio.wait_for(server.outcome, 5), asyncio.CancelledError)
-        await asyncio.sleep(0)
+        await wait_until(writing[0].done, "the flushing task ended")
         assert writing[0].cancelled()  # `close` stopped it; the client is still connected

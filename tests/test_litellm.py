@@ -41,6 +41,7 @@ from core.providers import (
 )
 from plugins.providers.litellm import LiteLLMProvider, load_litellm, make_litellm
 from tests.conftest import StartChatbus
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [
@@ -543,9 +544,7 @@ async def test_cancelling_before_the_first_piece_closes_the_upstream_request(
             pass
 
     task = asyncio.create_task(consume())
-    async with asyncio.timeout(5):
-        while not upstream.received:  # noqa: ASYNC110 (the fake has no event for this)
-            await asyncio.sleep(0.01)  # then the request is at the upstream, waiting
+    await wait_until(lambda: upstream.received, "the request at the upstream, waiting")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -25,7 +25,8 @@ from standardwebhooks import Webhook
 from chatbus.testing.fake_upstream import Behaviour, FakeUpstream
 from tests.conftest import StartChatbus
 from tests.test_cli import ROOT, free_port, wait_until_listening
-from tests.test_webhooks import FAST, SECRET, Receiver, _pending_in, listening, until
+from tests.test_webhooks import FAST, SECRET, Receiver, _pending_in, listening
+from tests.waiting import wait_until
 
 GRACE = 3.0
 SLACK = 1.0  # what the issue allows past the grace, the process's exit included
@@ -173,7 +174,7 @@ async def test_sigterm_cuts_what_the_grace_did_not_finish_within_grace_plus_one_
                 async with asyncio.timeout(15):
                     for s in streams:
                         await s.under_way.wait()
-                await until(answering(upstream, 8), "every turn answering")
+                await wait_until(answering(upstream, 8), "every turn answering")
                 elapsed = await exit_after_sigterm(process)
                 async with asyncio.timeout(5):
                     await asyncio.gather(*reading)
@@ -270,7 +271,7 @@ async def test_the_end_of_a_cut_async_chat_waits_in_the_outbox_when_not_delivere
         body = {"query": "q", "model_name": "fake", "callback_url": receiver.url}
         async with chatbus.post("/chat/chat", body) as response:
             accepted = await response.json()
-        await until(answering(upstream, 1), "the turn answering")
+        await wait_until(answering(upstream, 1), "the turn answering")
         async with asyncio.timeout(0.2 + SLACK + 1):  # a receiver that holds it up is left
             await chatbus.close()
         assert len(receiver.requests) == 1  # tried within the close, not answered in time

@@ -4,7 +4,6 @@ test switches on and off (SQLite underneath), for the recovery."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -15,12 +14,13 @@ import pytest
 import structlog
 from pymongo import MongoClient
 
-from core.history import MessageRecord, Outcome, Status, StoreUnavailable
+from core.history import HistoryStore, MessageRecord, Outcome, Status, StoreUnavailable
 from core.hookspecs import hookimpl
 from core.outbox import Delivery
 from plugins.history_sqlite.store import SqliteStore
 from tests.conftest import Chatbus, StartChatbus
 from tests.mongo_server import MongoServer
+from tests.waiting import wait_until
 
 
 class FlakyStore(SqliteStore):
@@ -132,6 +132,13 @@ async def test_down_mid_run_then_back(start_chatbus: StartChatbus) -> None:
     assert (await chatbus.chat(query="after")).text == "after"
 
 
+async def completed(store: HistoryStore, message_id: str) -> MessageRecord | None:
+    """The record of `message_id` once it is completed, else None."""
+    record = await store.get_message("default", message_id)
+    assert record is not None
+    return record if record.status is Status.COMPLETED else None
+
+
 async def test_an_answer_whose_end_cannot_be_stored_is_retried(
     start_chatbus: StartChatbus,
 ) -> None:
@@ -143,13 +150,8 @@ async def test_an_answer_whose_end_cannot_be_stored_is_retried(
         stream = await chatbus.chat(query="keep this answer")
         assert stream.text == "keep this answer"  # the client got all of it
         (message_id,) = stream.message_ids
-        async with asyncio.timeout(5):
-            while True:
-                record = await flaky.store.get_message("default", message_id)
-                assert record is not None
-                if record.status is Status.COMPLETED:
-                    break
-                await asyncio.sleep(0.05)
+        store = flaky.store
+        record = await wait_until(lambda: completed(store, message_id), "the end stored")
     assert record.response == "keep this answer"
     retries = [e for e in logs if e["event"] == "could not store the end of a turn; retrying"]
     assert len(retries) == 2

@@ -13,6 +13,7 @@ import pytest
 from chatbus.testing.fake_upstream import FakeUpstream
 from core.history import Status
 from tests.conftest import Chatbus, StartChatbus
+from tests.waiting import wait_until
 
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -156,7 +157,7 @@ async def test_disconnect_before_the_first_token(chatbus: Chatbus, upstream: Fak
     response = await chatbus.http.post(
         chatbus.url + "/chat/chat", json={"query": "x", "model_name": "fake", "stream": True}
     )
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: upstream.received, "the request at the upstream")
     response.close()
     assert await upstream.wait_for_close(1.0)
     (cancelled,) = await chatbus.events.wait_for("chat_cancelled")
@@ -169,7 +170,7 @@ async def test_disconnect_while_not_streamed(chatbus: Chatbus, upstream: FakeUps
     upstream.behaviour.tokens = [f"t{i} " for i in range(100)]
     upstream.behaviour.delay = 0.05
     task = asyncio.create_task(chatbus.chat_json(query="x", model_name="fake"))
-    await asyncio.sleep(0.3)
+    await wait_until(lambda: upstream.pieces_sent >= 4, "four pieces streamed")
     task.cancel()
     assert await upstream.wait_for_close(1.0)
     (cancelled,) = await chatbus.events.wait_for("chat_cancelled")
@@ -182,7 +183,7 @@ async def test_shutdown_lets_answers_in_flight_finish(start_chatbus: StartChatbu
     chatbus = await start_chatbus(models={"echo": {"provider": "echo", "delay": 0.05}})
     query = " ".join(f"w{i}" for i in range(10))
     answer = asyncio.create_task(chatbus.chat(query=query))
-    await asyncio.sleep(0.15)  # the answer is under way
+    await chatbus.events.wait_for("chat_started")  # the answer is under way
     await chatbus.runner.cleanup()  # what SIGTERM does: stop accepting, finish, close
     stream = await answer
     assert stream.text == query

@@ -25,8 +25,8 @@ from prometheus_client import CollectorRegistry
 from standardwebhooks import Webhook
 
 from core.app import create_app
-from core.config import ConfigError
-from core.events import ChatCompleted
+from core.config import Config, ConfigError
+from core.events import ChatCompleted, Event
 from core.history import HistoryStore
 from core.hookspecs import hookimpl
 from core.outbox import Delivery, DeliveryStatus, Outbox
@@ -36,6 +36,7 @@ from plugins.history_sqlite.store import SqliteStore
 from plugins.transports.webhook import options
 from plugins.transports.webhook.deliverer import Deliverer
 from tests.conftest import Chatbus, StartChatbus, make_config
+from tests.waiting import wait_until
 
 SECRET = "whsec_" + base64.b64encode(b"chatbus-test-secret-0123456789ab").decode()
 OLD_SECRET = "whsec_" + base64.b64encode(b"chatbus-old-secret-0123456789abc").decode()
@@ -63,7 +64,7 @@ class Receiver:
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
-            await asyncio.sleep(self.delay)
+            await asyncio.sleep(self.delay)  # a slow receiver: the scenario, not a wait
             if self.gate is not None:
                 async with asyncio.timeout(30):
                     await self.gate.wait()
@@ -123,11 +124,8 @@ async def outbox(chatbus: Chatbus, status: DeliveryStatus | None = None) -> list
 
 async def settled(chatbus: Chatbus, status: DeliveryStatus) -> Any:
     """The first delivery to reach `status` (polling the store: 5 s at most)."""
-    for _ in range(250):
-        if found := await outbox(chatbus, status):
-            return found[0]
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"no delivery became {status} in 5 s")
+    found = await wait_until(lambda: outbox(chatbus, status), f"a delivery {status}")
+    return found[0]
 
 
 async def test_a_completed_chat_is_delivered_signed(
@@ -154,7 +152,7 @@ async def test_only_subscribed_events(start_chatbus: StartChatbus, receiver: Rec
     chatbus = await start_chatbus(**webhooks(receiver, events=["chat_started", "chat_failed"]))
     await chatbus.chat(query="hi")
     await receiver.wait_for(1)
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # no other delivery within 0.2 s: a check, not a wait
     assert [p["type"] for p in receiver.payloads()] == ["chat.started"]
 
 
@@ -189,7 +187,7 @@ async def test_a_receiver_answering_410_stops_it(
     await chatbus.chat(query="gone")
     stopped = await settled(chatbus, DeliveryStatus.STOPPED)
     assert (stopped.attempts, stopped.last_error) == (1, "HTTP 410")
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # no attempt after it within 0.2 s: a check, not a wait
     assert len(receiver.requests) == 1
 
 
@@ -232,7 +230,7 @@ async def test_a_receiver_down_across_a_restart_gets_it_once_after(
     second = await start_chatbus(**webhooks(receiver, events=["chat_completed"]))
     await receiver.wait_for(4)
     await settled(second, DeliveryStatus.DELIVERED)
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # no attempt after it within 0.2 s: a check, not a wait
     ids = [headers["webhook-id"] for headers, _ in receiver.requests]
     assert ids == [pending.delivery_id] * 4
     assert [h["webhook-id"] for h, _ in receiver.requests[3:]] == [pending.delivery_id]
@@ -256,7 +254,8 @@ async def test_two_instances_on_one_store_deliver_each_once(
     for i in range(10):
         await (one if i % 2 else two).chat(query=f"q{i}")
     await receiver.wait_for(10)
-    await asyncio.sleep(0.3)
+    await wait_until(delivered(one.store, 10), "all ten recorded delivered")
+    await asyncio.sleep(0.3)  # no second attempt of any within 0.3 s: a check, not a wait
     ids = [headers["webhook-id"] for headers, _ in receiver.requests]
     assert len(ids) == len(set(ids)) == 10
     assert len(await outbox(one, DeliveryStatus.DELIVERED)) == 10
@@ -296,6 +295,56 @@ def test_plan_deliveries_for_subscribed_endpoints_only(tmp_path: Any) -> None:
     )
     payload = orjson.loads(delivery.payload)
     assert payload["data"]["text"] == "answer" and payload["data"]["status"] == "completed"
+
+
+class AuditPlanner:
+    """A plugin of the test that plans a delivery of its own for each completed chat: an
+    audit record to `url`, signed with HOOK_SECRET's secret."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.asked: list[tuple[str, str]] = []  # (the event's hook, the config's default model)
+
+    @hookimpl
+    def plan_deliveries(self, event: Event, config: Config) -> list[Delivery] | None:
+        self.asked.append((event.hook, config.default_model))
+        if not isinstance(event, ChatCompleted):
+            return None
+        payload = {"type": "audit", "message_id": event.message_id, "text": event.text}
+        return [
+            Delivery(delivery_id=f"msg_audit_{event.message_id}", url=self.url, event_type="audit",
+                     payload=orjson.dumps(payload).decode(), secret_env="HOOK_SECRET",
+                     message_id=event.message_id, next_attempt_at=event.at, created_at=event.at)
+        ]  # fmt: skip
+
+
+async def test_a_plugins_planned_delivery_is_written_and_delivered(
+    start_chatbus: StartChatbus, receiver: Receiver
+) -> None:
+    planner = AuditPlanner(receiver.url)
+    chatbus = await start_chatbus(planner, webhook_delivery=FAST)  # no [webhooks]: its own only
+    stream = await chatbus.chat(query="audit me")
+    (message_id,) = stream.message_ids
+    await receiver.wait_for(1)
+    headers, body = receiver.requests[0]
+    assert Webhook(SECRET).verify(body, headers) == {
+        "type": "audit",
+        "message_id": message_id,
+        "text": "audit me",
+    }
+    assert headers["webhook-id"] == f"msg_audit_{message_id}"
+    delivered = await settled(chatbus, DeliveryStatus.DELIVERED)
+    assert (delivered.delivery_id, delivered.event_type, delivered.message_id) == (
+        f"msg_audit_{message_id}",
+        "audit",
+        message_id,
+    )
+    # Asked for every lifecycle event of the chat, in order, with the running config.
+    assert planner.asked == [
+        ("chat_received", "echo"),
+        ("chat_started", "echo"),
+        ("chat_completed", "echo"),
+    ]
 
 
 class BrokenPlanner:
@@ -468,15 +517,6 @@ def delivery_to(url: str, due: float) -> Delivery:
                     next_attempt_at=due, created_at=due)  # fmt: skip
 
 
-async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Poll `check` until it holds (10 s at most)."""
-    for _ in range(500):
-        if await check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{what}: not in 10 s")
-
-
 def delivered(store: HistoryStore, count: int) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         return len(await store.outbox.deliveries(DeliveryStatus.DELIVERED, 1000)) >= count
@@ -521,7 +561,7 @@ async def test_a_receiver_is_waited_for_an_hour_at_most_by_default(
     async def retrying() -> bool:
         return any(d.attempts == 1 for d in await outbox(chatbus, DeliveryStatus.PENDING))
 
-    await until(retrying, "the first attempt recorded")
+    await wait_until(retrying, "the first attempt recorded", timeout=10)
     (pending,) = await outbox(chatbus, DeliveryStatus.PENDING)
     assert 3500 < pending.next_attempt_at - time.time() <= 3600
 
@@ -576,7 +616,7 @@ async def test_a_store_error_while_recording_does_not_end_the_loop(
         await receiver.wait_for(1)  # sent, but not recorded: it stays leased
         later = delivery_to(receiver.url, time.time())
         await store.outbox.add_deliveries([later])
-        await until(delivered(store, 2), "both delivered")
+        await wait_until(delivered(store, 2), "both delivered", timeout=10)
     finally:
         await deliverer.stop()
         await store.close()
@@ -595,12 +635,12 @@ async def test_a_slow_destination_does_not_hold_up_the_others(
         backlog = [delivery_to(slow.url, now - 1) for _ in range(40)]  # due before the fast one
         await chatbus.store.outbox.add_deliveries([*backlog, delivery_to(receiver.url, now)])
         await receiver.wait_for(1)  # while the slow receiver holds every request it got
-        await until(delivered(chatbus.store, 1), "the fast one recorded")
+        await wait_until(delivered(chatbus.store, 1), "the fast one recorded", timeout=10)
         await slow.wait_for(4)
         assert slow.in_flight == 4
         assert slow.gate is not None
         slow.gate.set()
-        await until(delivered(chatbus.store, 41), "the backlog delivered")
+        await wait_until(delivered(chatbus.store, 41), "the backlog delivered", timeout=10)
     assert slow.most_in_flight == 4 and len(slow.requests) == 40
 
 
@@ -619,13 +659,13 @@ async def test_no_more_in_flight_than_the_concurrency(start_chatbus: StartChatbu
         async def five_held() -> bool:
             return one.in_flight + two.in_flight == 5
 
-        await until(five_held, "five requests held")
-        await asyncio.sleep(0.3)  # room for a wrong deliverer to start more
+        await wait_until(five_held, "five requests held", timeout=10)
+        await asyncio.sleep(0.3)  # room for a wrong deliverer to start more: not a wait
         assert one.in_flight + two.in_flight == 5
         for hook in (one, two):
             assert hook.gate is not None
             hook.gate.set()
-        await until(delivered(chatbus.store, 12), "all delivered")
+        await wait_until(delivered(chatbus.store, 12), "all delivered", timeout=10)
     assert max(one.most_in_flight, two.most_in_flight) <= 4
 
 
@@ -643,4 +683,4 @@ async def test_stop_leaves_attempts_in_flight_to_their_lease(start_chatbus: Star
         assert held.gate is not None
         held.gate.set()
         second = await start_chatbus(webhook_delivery=settings)
-        await until(delivered(second.store, 1), "delivered by the next instance")
+        await wait_until(delivered(second.store, 1), "delivered by the next instance", timeout=10)

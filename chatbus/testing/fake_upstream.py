@@ -196,6 +196,7 @@ class FakeUpstream:
         self.base_url: str = ""
         self.open_streams: int = 0
         self.closed_early: int = 0
+        self.pieces_sent: int = 0  # streamed pieces written, over every request
         self._closed_event = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._closing = False
@@ -264,7 +265,7 @@ class FakeUpstream:
         b = copy(self.behaviour)
         try:
             if b.first_delay:
-                await asyncio.sleep(b.first_delay)
+                await asyncio.sleep(b.first_delay)  # a slow upstream: the behaviour asked
             if not isinstance(parsed, dict):
                 return _error_response(400, "request body must be a JSON object")
             if b.fail_status is not None and self._should_fail():
@@ -296,7 +297,7 @@ class FakeUpstream:
         finish: str,
     ) -> web.StreamResponse:
         if b.delay and pieces:
-            await asyncio.sleep(b.delay * len(pieces))
+            await asyncio.sleep(b.delay * len(pieces))  # as long as streaming them would take
         if b.break_after is not None:
             if request.transport is not None:
                 request.transport.abort()
@@ -375,7 +376,7 @@ class FakeUpstream:
                 return resp
             for i in range(n + 1):
                 if i and b.delay:
-                    await asyncio.sleep(b.delay)
+                    await asyncio.sleep(b.delay)  # the pace between pieces
                 if i == b.break_after:
                     if request.transport is not None:
                         request.transport.abort()
@@ -389,6 +390,7 @@ class FakeUpstream:
                 if i == n:
                     break
                 await write((prefix if i else first_prefix) + dumps(pieces[i]) + _PIECE_SUFFIX)
+                self.pieces_sent += 1
             last = dict(head, choices=[{"index": 0, "delta": {}, "finish_reason": finish}])
             await write(b"data: " + dumps(last) + b"\n\n")
             if want_usage:
@@ -410,7 +412,7 @@ async def _forever(write: Any, frames: list[bytes], delay: float) -> None:
     for sent, frame in enumerate(itertools.cycle(frames)):
         await write(frame)
         if delay:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(delay)  # the pace between pieces
         elif not sent % 64:
             await asyncio.sleep(0)  # a write to a fast reader may never wait: let others run
 
@@ -456,7 +458,7 @@ def _main() -> None:
             partial.replace(ready)  # readers never see a half-written URL
         try:
             while True:  # nobody reads `received` here: keep a long run's memory flat
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(1.0)  # once a second: a pace, nothing is waited for
                 upstream.received.clear()
         finally:
             await upstream.close()
