@@ -151,12 +151,26 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
 
 
 @pytest.fixture
-async def start_chatbus(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[StartChatbus]:
-    """Start a chatbus with `make_config` plus overrides and extra plugins."""
+def store_backend() -> str:
+    """The store `start_chatbus` runs on. A test module runs its tests on both stores by
+    overriding it: `@pytest.fixture(params=["sqlite", "mongo"])`."""
+    return "sqlite"
+
+
+@pytest.fixture
+async def start_chatbus(
+    tmp_path: Path, upstream: FakeUpstream, store_backend: str, request: pytest.FixtureRequest
+) -> AsyncIterator[StartChatbus]:
+    """Start a chatbus with `make_config` plus overrides and extra plugins, on the store
+    `store_backend` names (MongoDB: a fresh database on the suite's server)."""
     started: list[Chatbus] = []
+    on_store: dict[str, Any] = {}
+    if store_backend == "mongo":
+        mongodb: MongoDatabase = request.getfixturevalue("mongodb")
+        on_store = {"history": {"backend": "mongo", "mongo": mongodb.options}}
 
     async def starter(*plugins: object, **overrides: Any) -> Chatbus:
-        config = make_config(tmp_path, upstream, **overrides)
+        config = make_config(tmp_path, upstream, **deep_merge(on_store, overrides))
         pm = make_plugin_manager(config.plugins.modules)
         recorder = EventRecorder()
         for plugin in (recorder, *plugins):

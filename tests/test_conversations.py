@@ -298,3 +298,9 @@ async def test_an_unreachable_store_is_a_503(start_chatbus: StartChatbus) -> Non
             error = (await response.json())["error"]
         assert error["type"] == "store_unavailable"
         assert "try again" in error["message"]
+
+
+@pytest.fixture(params=["sqlite", "mongo"])
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """Every conversations test runs on both stores, end to end."""
+    return str(request.param)

@@ -190,3 +190,9 @@ async def test_shutdown_lets_answers_in_flight_finish(start_chatbus: StartChatbu
     assert "error" not in stream.frames[-1]
     with pytest.raises(aiohttp.ClientConnectionError):
         await chatbus.chat(query="too late")
+
+
+@pytest.fixture(params=["sqlite", "mongo"])
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """Every test of this route runs end to end on both stores."""
+    return str(request.param)

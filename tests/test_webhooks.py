@@ -24,11 +24,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from standardwebhooks import Webhook
 
-from core.app import create_app
+from core.app import create_app, make_store
 from core.config import Config, ConfigError
 from core.events import ChatCompleted, Event
 from core.history import HistoryStore
 from core.hookspecs import hookimpl
+from core.keys import CONFIG
 from core.outbox import Delivery, DeliveryStatus, Outbox
 from core.plugins import make_plugin_manager
 from core.server import start
@@ -237,7 +238,9 @@ async def test_a_receiver_down_across_a_restart_gets_it_once_after(
 
 
 async def _pending_in(bus: Chatbus) -> list[Any]:
-    store = SqliteStore(bus.store.path)  # type: ignore[attr-defined]
+    """The pending deliveries of a chatbus that has stopped, read from its store anew."""
+    config = bus.app[CONFIG]
+    store = make_store(config, make_plugin_manager(config.plugins.modules))
     await store.open()
     try:
         return await store.outbox.deliveries(DeliveryStatus.PENDING, 10)
@@ -684,3 +687,9 @@ async def test_stop_leaves_attempts_in_flight_to_their_lease(start_chatbus: Star
         held.gate.set()
         second = await start_chatbus(webhook_delivery=settings)
         await wait_until(delivered(second.store, 1), "delivered by the next instance", timeout=10)
+
+
+@pytest.fixture(params=["sqlite", "mongo"])
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """Every webhook test that starts a chatbus runs on both stores: the outbox is theirs."""
+    return str(request.param)
