@@ -324,7 +324,8 @@ def test_events_are_frozen(event: Event) -> None:
 
 def test_events_take_keywords_only_and_stamp_the_time() -> None:
     with pytest.raises(TypeError):
-        ChatCompleted("m", "c", "t", "r", "echo", "q", "text", None, 0.1, None)  # type: ignore[misc]
+        # Positional on purpose: the call must fail, as mypy says it does.
+        ChatCompleted("m", "c", "t", "r", "echo", "q", "text", None, 0.1, None)  # type: ignore[call-arg, arg-type]
     before = time.time()
     event = completed()
     assert before <= event.at <= time.time()

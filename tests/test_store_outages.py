@@ -230,6 +230,7 @@ async def test_a_wrong_mongodb_password_is_an_unavailable_store(
 ) -> None:
     # A real server that requires SCRAM: its user made first, then restarted with --auth.
     server = MongoServer(tmp_path / "mongo-data").start()
+    client: MongoClient[dict[str, Any]]
     try:
         with MongoClient(server.uri()) as client:
             roles = [{"role": "readWrite", "db": "chatbus"}]
