@@ -262,7 +262,7 @@ async def seq(args: argparse.Namespace, targets: list[Target]) -> dict[str, Any]
 
     def paired(i: int, j: int) -> float | None:
         """The median over the rounds of path i's latency over path j's; None if i is j."""
-        ratios = [row[i] / row[j] for row in rounds if row[i] is not None and row[j]]
+        ratios = [a / b for row in rounds if (a := row[i]) is not None and (b := row[j])]
         return statistics.median(ratios) if i != j and ratios else None
 
     paths = []
@@ -271,7 +271,7 @@ async def seq(args: argparse.Namespace, targets: list[Target]) -> dict[str, Any]
             {
                 "count": args.count,
                 "warmup": args.warmup,
-                "latency_ms": summary([row[i] for row in rounds if row[i] is not None]),
+                "latency_ms": summary([ms for row in rounds if (ms := row[i]) is not None]),
                 "ratio_to_first": paired(i, 0),
                 "ratio_to_each": [paired(i, j) for j in range(n)],
                 "errors": errors[i].json(),

@@ -67,7 +67,7 @@ from core.providers import (
 from core.retry_after import retry_after_seconds
 from core.routes import caller_of
 from core.schemas import ChatchatBody, ChatRequest
-from core.turn import ChatTurn, ClientDisconnected, TurnResult
+from core.turn import ChatTurn, ClientDisconnected, TurnIdentity, TurnResult
 from core.validation import first_problem
 from core.web import REQUEST_ID, TENANT, ApiError, answer_errors_as, json_response, read_body
 
@@ -126,6 +126,7 @@ __all__ = [
     "Status",
     "StoreUnavailable",
     "Turn",
+    "TurnIdentity",
     "TurnResult",
     "UnknownModel",
     "UnknownPrompt",

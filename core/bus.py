@@ -29,7 +29,7 @@ class EventBus:
 
     def publish(self, event: Event) -> None:
         """Call the subscribers now; await the `async def` ones in a background task."""
-        waits = []
+        waits: list[Awaitable[None]] = []
         for impl in reversed(getattr(self._hooks, event.hook).get_hookimpls()):
             # pluggy's own order (tryfirst first); an impl may leave out the argument.
             try:

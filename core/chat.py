@@ -127,8 +127,16 @@ class ChatService:
             self.spawn(turn.abandon())  # the write may still land: the end is written after it
             raise
         try:
+            ids = turn.identity
             started = ChatStarted(
-                **turn.ids, model=turn.record.model, history_turns=turn.history_turns
+                message_id=ids.message_id,
+                conversation_id=ids.conversation_id,
+                tenant=ids.tenant,
+                request_id=ids.request_id,
+                query=ids.query,
+                callback_url=ids.callback_url,
+                model=turn.record.model,
+                history_turns=turn.history_turns,
             )
             await self.publish(started)
             yield turn
@@ -155,7 +163,18 @@ class ChatService:
             meta={"callback_url": request.callback_url} if request.callback_url else {},
         )
         turn = ChatTurn(self, record, caller.request_id)
-        await self.publish(ChatReceived(**turn.ids, model=model, stream=request.stream))
+        ids = turn.identity
+        received = ChatReceived(
+            message_id=ids.message_id,
+            conversation_id=ids.conversation_id,
+            tenant=ids.tenant,
+            request_id=ids.request_id,
+            query=ids.query,
+            callback_url=ids.callback_url,
+            model=model,
+            stream=request.stream,
+        )
+        await self.publish(received)
         history = await self._history(request, caller.tenant)
         messages = [
             *history,

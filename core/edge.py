@@ -231,10 +231,17 @@ class EdgeServer(web.Server):
 
     def __init__(self, *args: Any, header_timeout: float, guard: ConnectionGuard, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._edge = {"header_timeout": header_timeout, "guard": guard}
+        self._header_timeout = header_timeout
+        self._guard = guard
 
     def __call__(self) -> EdgeRequestHandler:
-        return EdgeRequestHandler(self, loop=self._loop, **self._edge, **self._kwargs)
+        return EdgeRequestHandler(
+            self,
+            loop=self._loop,
+            header_timeout=self._header_timeout,
+            guard=self._guard,
+            **self._kwargs,
+        )
 
 
 class EdgeRunner(web.AppRunner):

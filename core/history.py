@@ -83,7 +83,8 @@ class HistoryStore(Protocol):
     `outbox` keeps the deliveries events owe the outside world beside the turns
     (core/outbox.py): `finish_message` writes a turn's end and its deliveries in one step."""
 
-    outbox: Outbox
+    @property
+    def outbox(self) -> Outbox: ...  # read-only: a store may hold a subtype of Outbox
 
     async def open(self) -> None:
         """Connect and prepare (schema, indexes). An unreachable server must not raise:

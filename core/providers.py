@@ -7,7 +7,7 @@ A provider turns one `ModelCall` into an async iterator of text deltas. It may y
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -79,10 +79,11 @@ class ModelCall:
 
 @runtime_checkable
 class Provider(Protocol):
-    """Required: `stream`. Optional: `async def open(self)`, awaited once at start-up (load a
-    heavy library there), and `async def aclose(self)`, awaited at shut-down."""
+    """Required: `stream`, an async generator (a turn closes it when it ends early).
+    Optional: `async def open(self)`, awaited once at start-up (load a heavy library there),
+    and `async def aclose(self)`, awaited at shut-down."""
 
-    def stream(self, call: ModelCall) -> AsyncIterator[str | Usage]: ...
+    def stream(self, call: ModelCall) -> AsyncGenerator[str | Usage, None]: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,11 +25,11 @@ def retry_after_seconds(value: str | None, cap: float, now: float | None = None)
         return None
     text = value.strip()
     if DELTA_SECONDS.fullmatch(text):
-        seconds = float(text)  # digits beyond a float's range give inf: capped below
+        seconds: float | None = float(text)  # beyond a float's range gives inf: capped below
     else:
         seconds = _seconds_until(text, time.time() if now is None else now)
-        if seconds is None:
-            return None
+    if seconds is None:
+        return None
     return min(max(seconds, 0.0), cap)
 
 

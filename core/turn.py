@@ -46,6 +46,18 @@ class TurnResult:
     model: str  # the model that answered
 
 
+@dataclass(frozen=True, slots=True)
+class TurnIdentity:
+    """Who and what a turn is: the fields every event of its chat carries."""
+
+    message_id: str
+    conversation_id: str
+    tenant: str
+    request_id: str
+    query: str
+    callback_url: str | None  # async mode: where the end of the chat is delivered
+
+
 class ChatTurn:
     """One stored turn on its way: run it once."""
 
@@ -56,14 +68,14 @@ class ChatTurn:
         self._service = service
         self.record = record
         self.claimed = False  # a run (or abandon) owns the turn's end from then on
-        self.ids = {
-            "message_id": record.message_id,
-            "conversation_id": record.conversation_id,
-            "tenant": record.tenant,
-            "request_id": request_id,
-            "query": record.query,
-            "callback_url": record.meta.get("callback_url"),
-        }
+        self.identity = TurnIdentity(
+            message_id=record.message_id,
+            conversation_id=record.conversation_id,
+            tenant=record.tenant,
+            request_id=request_id,
+            query=record.query,
+            callback_url=record.meta.get("callback_url"),
+        )
 
     @property
     def message_id(self) -> str:
@@ -217,23 +229,51 @@ class ChatTurn:
         outcome = Outcome(
             text, status, answer.usage, latency, error.type if error else None, answer.model
         )
-        common = {
-            **self.ids,
-            "model": answer.model,  # the model that answered, a fallback perhaps
-            "text": text,
-            "usage": answer.usage,
-            "latency": latency,
-            "first_token_latency": first_token,
-        }
-        if status is Status.CANCELLED:
-            event: ChatCompleted | ChatFailed | ChatCancelled = ChatCancelled(**common)
-        elif error is not None:
-            event = ChatFailed(**common, error_type=error.type, error_message=str(error))
-        else:
-            event = ChatCompleted(**common)
+        event = self._end_event(answer, status, error, text, latency, first_token)
         await self._service.save_outcome(self.message_id, outcome, self._service.plan(event))
         self._service.bus.publish(event)
         return TurnResult(self.message_id, text, status, error, answer.model)
+
+    def _end_event(
+        self,
+        answer: _Answer,
+        status: Status,
+        error: ProviderError | None,
+        text: str,
+        latency: float,
+        first_token: float | None,
+    ) -> ChatCompleted | ChatFailed | ChatCancelled:
+        ids = self.identity
+        if status is not Status.CANCELLED and error is not None:
+            return ChatFailed(
+                message_id=ids.message_id,
+                conversation_id=ids.conversation_id,
+                tenant=ids.tenant,
+                request_id=ids.request_id,
+                query=ids.query,
+                callback_url=ids.callback_url,
+                model=answer.model,
+                text=text,
+                usage=answer.usage,
+                latency=latency,
+                first_token_latency=first_token,
+                error_type=error.type,
+                error_message=str(error),
+            )
+        kind = ChatCancelled if status is Status.CANCELLED else ChatCompleted
+        return kind(
+            message_id=ids.message_id,
+            conversation_id=ids.conversation_id,
+            tenant=ids.tenant,
+            request_id=ids.request_id,
+            query=ids.query,
+            callback_url=ids.callback_url,
+            model=answer.model,  # the model that answered, a fallback perhaps
+            text=text,
+            usage=answer.usage,
+            latency=latency,
+            first_token_latency=first_token,
+        )
 
 
 @dataclass(slots=True)

@@ -633,6 +633,7 @@ async def test_a_streaming_answer_is_checkpointed_as_it_goes(start_chatbus: Star
                 if len(seen) >= len("".join(words[:10])):
                     break  # a third of the answer: look at what is stored meanwhile
         record = await wait_until(lambda: checkpoint(chatbus, frame["message_id"]), "a checkpoint")
+    assert record is not None
     assert seen.startswith(record.response)  # what the client saw, up to a checkpoint
 
 

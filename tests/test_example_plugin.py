@@ -7,6 +7,7 @@ import importlib.metadata
 import sys
 from pathlib import Path
 
+import aiohttp
 import chatbus_provider_example  # installed by the Makefile's venv recipe
 import pytest
 
@@ -62,9 +63,9 @@ async def test_its_option_is_used(start_chatbus: StartChatbus) -> None:
 
 
 async def test_the_provider_itself() -> None:
-    provider = chatbus_provider_example.make_reverse(
-        ModelSpec(name="backwards", provider="reverse", options={}), None
-    )
+    spec = ModelSpec(name="backwards", provider="reverse", options={})
+    async with aiohttp.ClientSession() as http:  # what chatbus hands a factory; unused here
+        provider = chatbus_provider_example.make_reverse(spec, http)
     assert isinstance(provider, Provider)
     call = ModelCall(
         [

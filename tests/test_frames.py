@@ -167,7 +167,7 @@ async def test_a_provider_that_never_waits_holds_little(server: Server) -> None:
     piece = "x" * 1000
 
     async def flood(frames: FrameWriter, _: Server) -> None:
-        for _ in range(300):  # about 300 KB, made without a single wait
+        for _piece in range(300):  # about 300 KB, made without a single wait
             await frames.send(piece)
 
     assert await read_all(server, flood) == [piece] * 300

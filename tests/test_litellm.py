@@ -297,7 +297,7 @@ async def test_litellm_success_callbacks_still_run(
     logged = asyncio.Event()
     responses: list[Any] = []
 
-    class Recorder(CustomLogger):  # type: ignore[misc]
+    class Recorder(CustomLogger):
         async def async_log_success_event(
             self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any
         ) -> None:
@@ -508,7 +508,7 @@ async def test_closing_the_stream_early_closes_the_upstream_connection(
     first = await anext(stream)
     second = await anext(stream)
     assert [first, second] == list(DEFAULT_TOKENS[:2])
-    await stream.aclose()  # type: ignore[attr-defined]
+    await stream.aclose()
     assert await upstream.wait_for_close(1.0) is True
     assert upstream.closed_early == 1
 

@@ -704,7 +704,7 @@ async def test_closing_the_stream_early_closes_the_upstream_connection(
     first = await anext(stream)
     second = await anext(stream)
     assert [first, second] == list(DEFAULT_TOKENS[:2])
-    await stream.aclose()  # type: ignore[attr-defined]
+    await stream.aclose()
     assert await upstream.wait_for_close(1.0) is True
     assert upstream.closed_early == 1
 

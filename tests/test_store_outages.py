@@ -152,6 +152,7 @@ async def test_an_answer_whose_end_cannot_be_stored_is_retried(
         (message_id,) = stream.message_ids
         store = flaky.store
         record = await wait_until(lambda: completed(store, message_id), "the end stored")
+    assert record is not None
     assert record.response == "keep this answer"
     retries = [e for e in logs if e["event"] == "could not store the end of a turn; retrying"]
     assert len(retries) == 2
@@ -232,6 +233,7 @@ async def test_a_wrong_mongodb_password_is_an_unavailable_store(
 ) -> None:
     # A real server that requires SCRAM: its user made first, then restarted with --auth.
     server = MongoServer(tmp_path / "mongo-data").start()
+    client: MongoClient[dict[str, Any]]
     try:
         with MongoClient(server.uri()) as client:
             roles = [{"role": "readWrite", "db": "chatbus"}]

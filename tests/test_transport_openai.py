@@ -10,6 +10,11 @@ from typing import Any
 import openai
 import pytest
 from openai import AsyncOpenAI
+from openai.types.chat import (
+    ChatCompletionContentPartTextParam,
+    ChatCompletionMessageParam,
+    ChatCompletionUserMessageParam,
+)
 
 from chatbus.testing.fake_upstream import Behaviour, FakeUpstream
 from core.auth import digest
@@ -18,7 +23,7 @@ from core.history import Status, StoreUnavailable
 from core.providers import Usage
 from tests.conftest import Chatbus, StartChatbus
 
-USER = {"role": "user", "content": "one two three"}
+USER: ChatCompletionUserMessageParam = {"role": "user", "content": "one two three"}
 
 
 @pytest.fixture
@@ -101,7 +106,7 @@ async def test_stream_frames_on_the_wire(chatbus: Chatbus) -> None:
 
 
 async def test_what_the_upstream_receives(client: AsyncOpenAI, upstream: FakeUpstream) -> None:
-    history = [
+    history: list[ChatCompletionMessageParam] = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi {{ there }}"},
         {"role": "assistant", "content": "Hello."},
@@ -113,7 +118,10 @@ async def test_what_the_upstream_receives(client: AsyncOpenAI, upstream: FakeUps
     assert sent["messages"] == [*history, USER]
     assert (sent["temperature"], sent["max_tokens"], sent["model"]) == (0.2, 7, "fake-model")
 
-    parts = [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]
+    parts: list[ChatCompletionContentPartTextParam] = [
+        {"type": "text", "text": "first"},
+        {"type": "text", "text": "second"},
+    ]
     await client.chat.completions.create(
         model="fake",
         messages=[{"role": "developer", "content": "Rules."}, {"role": "user", "content": parts}],
@@ -144,14 +152,19 @@ async def test_stored_history_with_extra_body(client: AsyncOpenAI, upstream: Fak
     ]
     # A system (or developer) message is an instruction: the stored turns follow it.
     last_turn = [USER, {"role": "assistant", "content": answer.choices[0].message.content}]
-    system = {"role": "system", "content": "S"}
-    for first in (system, {"role": "developer", "content": "S"}):
+    system: ChatCompletionMessageParam = {"role": "system", "content": "S"}
+    developer: ChatCompletionMessageParam = {"role": "developer", "content": "S"}
+    for first in (system, developer):
         await client.chat.completions.create(
             model="fake", messages=[first, USER], extra_body={**extra, "history_len": 1}
         )
         assert upstream.received[-1].body["messages"] == [system, *last_turn, USER]
     # Earlier user or assistant messages are the history: the stored turns are not read.
-    mine = [system, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    mine: list[ChatCompletionMessageParam] = [
+        system,
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "a"},
+    ]
     await client.chat.completions.create(model="fake", messages=[*mine, USER], extra_body=extra)
     assert upstream.received[-1].body["messages"] == [*mine, USER]
 
@@ -206,11 +219,13 @@ async def test_unknown_model_is_a_404(client: AsyncOpenAI) -> None:
     assert "echo, fake" in caught.value.message
 
 
-async def test_store_unavailable_is_a_503(chatbus: Chatbus, client: AsyncOpenAI) -> None:
+async def test_store_unavailable_is_a_503(
+    chatbus: Chatbus, client: AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def down(*args: Any) -> None:
         raise StoreUnavailable("switched off by the test")
 
-    chatbus.store.add_message = down  # type: ignore[method-assign]
+    monkeypatch.setattr(chatbus.store, "add_message", down)
     with pytest.raises(openai.InternalServerError) as caught:
         await client.chat.completions.create(model="echo", messages=[USER])
     assert caught.value.status_code == 503

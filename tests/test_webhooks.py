@@ -72,9 +72,9 @@ class Receiver:
         finally:
             self.in_flight -= 1
         status = self.answers.pop(0) if self.answers else 200
-        failed = status >= 300 and self.retry_after is not None
+        retry_after = self.retry_after if status >= 300 else None
         return web.Response(
-            status=status, headers={"Retry-After": self.retry_after} if failed else None
+            status=status, headers={"Retry-After": retry_after} if retry_after is not None else None
         )
 
     def payloads(self) -> list[dict[str, Any]]:

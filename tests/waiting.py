@@ -8,19 +8,37 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
 INTERVAL = 0.01  # seconds between two looks: cheap checks, and no test waits much past it
 
 
+@overload
 async def wait_until(
-    condition: Callable[[], T | Awaitable[T]],
+    condition: Callable[[], Awaitable[T]],
+    what: str = ...,
+    timeout: float = ...,  # noqa: ASYNC109
+    interval: float = ...,
+) -> T: ...
+
+
+@overload
+async def wait_until(
+    condition: Callable[[], T],
+    what: str = ...,
+    timeout: float = ...,  # noqa: ASYNC109
+    interval: float = ...,
+) -> T: ...
+
+
+async def wait_until(
+    condition: Callable[[], Any],
     what: str = "the condition",
     timeout: float = 5.0,  # noqa: ASYNC109 (bounds the whole wait, not one call)
     interval: float = INTERVAL,
-) -> T:
+) -> Any:
     """Look at `condition()` (awaited if it is a coroutine) every `interval` seconds until it
     is truthy, and return it."""
     loop = asyncio.get_running_loop()
@@ -30,7 +48,7 @@ async def wait_until(
         if inspect.isawaitable(value):
             value = await value
         if value:
-            return value  # type: ignore[return-value]
+            return value
         if loop.time() >= deadline:
             raise AssertionError(f"{what}: not within {timeout:g} s")
         await asyncio.sleep(interval)

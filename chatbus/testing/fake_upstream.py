@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import re
 import time
+from collections.abc import Awaitable, Callable
 from copy import copy
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ _MALFORMED = b"data: {not json\n\n"
 _PIECE_SUFFIX = b'},"finish_reason":null}]}\n\n'
 _WORD = re.compile(r"\s*\S+")
 _ids = itertools.count(1)
+Write = Callable[[bytes], Awaitable[None]]
 
 # status -> (OpenAI error "type", "code")
 _ERROR_KINDS: dict[int, tuple[str, str | None]] = {
@@ -356,12 +358,14 @@ class FakeUpstream:
         self.open_streams += 1
         try:
             await resp.prepare(request)
-            write = resp.write
+            write: Write = resp.write
             if b.one_write:
                 burst: list[bytes] = []
 
-                async def write(data: bytes) -> None:
+                async def into_burst(data: bytes) -> None:
                     burst.append(data)
+
+                write = into_burst
 
             if n == 0:
                 await write(first_prefix + b'""' + _PIECE_SUFFIX)
@@ -407,7 +411,7 @@ class FakeUpstream:
         return resp
 
 
-async def _forever(write: Any, frames: list[bytes], delay: float) -> None:
+async def _forever(write: Write, frames: list[bytes], delay: float) -> None:
     """The endless mode: the frames over and over until the client goes away."""
     for sent, frame in enumerate(itertools.cycle(frames)):
         await write(frame)
@@ -417,7 +421,7 @@ async def _forever(write: Any, frames: list[bytes], delay: float) -> None:
             await asyncio.sleep(0)  # a write to a fast reader may never wait: let others run
 
 
-async def _unended_line(write: Any, size: int) -> None:
+async def _unended_line(write: Write, size: int) -> None:
     """``data: xxx...`` of ``size`` bytes, written 64 KiB at a time, and no newline."""
     await write(b"data: ")
     block = b"x" * 65536

@@ -18,6 +18,8 @@ on a MongoDB-compatible server (tests/test_history_stores.py).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -26,44 +28,40 @@ from core.outbox import Delivery, DeliveryStatus
 from core.providers import Usage
 
 
-def record(message_id: str, query: str = "q", **fields: object) -> MessageRecord:
-    values: dict[str, object] = {
-        "message_id": message_id,
-        "conversation_id": "c1",
-        "query": query,
-        "model": "echo",
-        "created_at": 1_700_000_000.0,
-    }
-    values.update(fields)
-    return MessageRecord(**values)  # type: ignore[arg-type]
+def record(message_id: str, query: str = "q", **fields: Any) -> MessageRecord:
+    base = MessageRecord(
+        message_id=message_id,
+        conversation_id="c1",
+        query=query,
+        model="echo",
+        created_at=1_700_000_000.0,
+    )
+    return replace(base, **fields)
 
 
-def done(response: str, status: Status = Status.COMPLETED, **fields: object) -> Outcome:
-    values: dict[str, object] = {"response": response, "status": status, "usage": None}
-    values.update({"latency": 0.5, **fields})
-    return Outcome(**values)  # type: ignore[arg-type]
+def done(response: str, status: Status = Status.COMPLETED, **fields: Any) -> Outcome:
+    return replace(Outcome(response=response, status=status, usage=None, latency=0.5), **fields)
 
 
 async def add_turn(
-    store: HistoryStore, message_id: str, query: str, response: str, **fields: object
+    store: HistoryStore, message_id: str, query: str, response: str, **fields: Any
 ) -> None:
     await store.add_message(record(message_id, query, **fields))
     await store.finish_message(message_id, done(response))
 
 
-def delivery(delivery_id: str, **fields: object) -> Delivery:
-    values: dict[str, object] = {
-        "delivery_id": delivery_id,
-        "url": "http://127.0.0.1:1/hook",
-        "event_type": "chat.completed",
-        "payload": '{"type": "chat.completed"}',
-        "secret_env": "HOOK_SECRET",
-        "message_id": "m1",
-        "next_attempt_at": 100.0,
-        "created_at": 100.0,
-    }
-    values.update(fields)
-    return Delivery(**values)  # type: ignore[arg-type]
+def delivery(delivery_id: str, **fields: Any) -> Delivery:
+    base = Delivery(
+        delivery_id=delivery_id,
+        url="http://127.0.0.1:1/hook",
+        event_type="chat.completed",
+        payload='{"type": "chat.completed"}',
+        secret_env="HOOK_SECRET",
+        message_id="m1",
+        next_attempt_at=100.0,
+        created_at=100.0,
+    )
+    return replace(base, **fields)
 
 
 class StoreContract:

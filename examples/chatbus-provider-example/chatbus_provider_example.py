@@ -16,7 +16,7 @@ and a config model names its kind:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,7 +40,7 @@ class ReverseProvider:
     def __init__(self, options: ReverseOptions) -> None:
         self.options = options
 
-    async def stream(self, call: ModelCall) -> AsyncIterator[str | Usage]:
+    async def stream(self, call: ModelCall) -> AsyncGenerator[str | Usage, None]:
         last = next((m["content"] for m in reversed(call.messages) if m["role"] == "user"), "")
         words = last.split()[::-1]
         if call.max_tokens is not None:

@@ -203,7 +203,7 @@ def _usage(usage: Usage | None) -> dict[str, int | None] | None:
 
 
 def _record(document: dict[str, Any]) -> MessageRecord:
-    values = {field: document.get(field) for field in FIELDS}
+    values: dict[str, Any] = {field: document.get(field) for field in FIELDS}
     values["status"] = Status(values["status"])
     values["usage"] = Usage(**document["usage"]) if document.get("usage") else None
     values["meta"] = values["meta"] or {}

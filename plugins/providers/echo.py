@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -26,7 +26,7 @@ class EchoProvider:
     def __init__(self, options: EchoOptions) -> None:
         self.delay = options.delay
 
-    async def stream(self, call: ModelCall) -> AsyncIterator[str | Usage]:
+    async def stream(self, call: ModelCall) -> AsyncGenerator[str | Usage, None]:
         last = next((m["content"] for m in reversed(call.messages) if m["role"] == "user"), "")
         words = WORDS.findall(last)
         if call.max_tokens is not None:

@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from types import ModuleType
 from typing import Any
 
@@ -99,7 +99,8 @@ async def load_litellm() -> ModuleType:
     global _litellm
     if _litellm is None:
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch at import
-        module = await asyncio.to_thread(importlib.import_module, "litellm")
+        # Any: litellm sets its switches as module attributes, which a ModuleType lacks
+        module: Any = await asyncio.to_thread(importlib.import_module, "litellm")
         module.suppress_debug_info = True  # no "Give Feedback / Get Help" banners
         if hasattr(module, "telemetry"):  # gone from recent versions; off in older ones
             module.telemetry = False
@@ -145,7 +146,7 @@ class LiteLLMProvider:
         # None: litellm's own conventions apply (OPENAI_API_KEY, AWS_*, ...)
         return key_from_env(self.options.api_key_env)
 
-    async def stream(self, call: ModelCall) -> AsyncIterator[str | Usage]:
+    async def stream(self, call: ModelCall) -> AsyncGenerator[str | Usage, None]:
         litellm = _litellm or await load_litellm()
         key = self._key()
         kwargs = {

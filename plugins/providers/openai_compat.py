@@ -4,7 +4,7 @@ no per-chunk objects beyond the dict orjson makes."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -94,7 +94,7 @@ class OpenAICompatProvider:
             body["stream_options"] = {"include_usage": True}
         return orjson.dumps(body)
 
-    async def stream(self, call: ModelCall) -> AsyncIterator[str | Usage]:
+    async def stream(self, call: ModelCall) -> AsyncGenerator[str | Usage, None]:
         headers = self._headers()
         try:
             async with self.http.post(

@@ -58,7 +58,7 @@ class Framing:
     def frame(self, data: dict[str, Any]) -> bytes:
         return self.prefix + orjson.dumps(data) + self.suffix
 
-    def response(self, keepalive_seconds: float) -> web.StreamResponse:
+    def response(self, keepalive_seconds: float) -> EventSourceResponse | BareJsonStream:
         if self.pings:
             return EventSourceResponse(allow_all_methods=True, ping_interval=keepalive_seconds)
         return BareJsonStream()
