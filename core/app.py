@@ -30,6 +30,7 @@ from core.bus import EventBus
 from core.chat import ChatService
 from core.config import Config, ConfigError
 from core.history import HistoryStore
+from core.interrupted import end_interrupted
 from core.keys import CONFIG, METRICS, PLUGINS, SERVICE
 from core.plugins import history_store_factories, make_plugin_manager, provider_factories
 from core.registry import ModelRegistry
@@ -100,7 +101,7 @@ async def open_service(
             bus=EventBus(pm, config.events.timeout_seconds),
             hooks=pm.hook,
         )
-        await service.end_interrupted(time.time() - config.history.sweep_after_seconds)
+        await end_interrupted(service, time.time() - config.history.sweep_after_seconds)
         try:
             yield service
         finally:

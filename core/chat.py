@@ -25,13 +25,12 @@ from core.bus import EventBus
 from core.config import Config, split_authority
 from core.errors import CallbackNotAllowed, MessageNotFound, UnknownModel, UnknownPrompt
 from core.events import (
-    ChatFailed,
     ChatReceived,
     ChatStarted,
     Event,
     FeedbackReceived,
 )
-from core.history import HistoryStore, MessageRecord, Outcome, Status, StoreUnavailable
+from core.history import HistoryStore, MessageRecord, Outcome
 from core.outbox import Delivery
 from core.providers import Message, ModelCall, ShuttingDown
 from core.registry import ModelRegistry
@@ -42,8 +41,6 @@ from core.turn import ChatTurn
 log = structlog.get_logger("chatbus.chat")
 DEFAULT_PORTS = {"http": 80, "https": 443}
 SAVE_RETRY_FIRST, SAVE_RETRY_MAX = 0.5, 30.0  # seconds between tries to store an answer
-SWEEP_BATCH = 100  # interrupted turns read at a time at start-up
-INTERRUPTED = "interrupted"  # the error type of a turn a crash left unfinished
 # Seconds a shutdown has after the grace for the ends of the answers it cut (their records,
 # last frames, events and deliveries); closing the store and the process's exit take part
 # of the rest of the second a shutdown may last past its grace.
@@ -207,56 +204,6 @@ class ChatService:
         problem = callback_problem(url, self._callback_targets)
         if problem is not None:
             raise CallbackNotAllowed(problem, self.config.callback_hosts)
-
-    async def end_interrupted(self, started_before: float) -> None:
-        """End the turns a crash left `streaming` (those that started before this time):
-        each is stored `interrupted`, with the answer as far as its last checkpoint, and
-        published as `chat_failed` of type `interrupted`, so its webhooks and callback go
-        out as for any failed turn."""
-        ended = 0
-        try:
-            while records := await self.store.streaming_turns(started_before, SWEEP_BATCH):
-                done = 0
-                for record in records:
-                    try:
-                        await self._end_interrupted(record)
-                        done += 1
-                    except StoreUnavailable:
-                        raise
-                    except Exception:  # one bad record must not stop the others, or start-up
-                        log.exception("could not end an interrupted turn",
-                                      message_id=record.message_id)  # fmt: skip
-                ended += done
-                if done < len(records):
-                    break  # what failed would come first again: left to the next start-up
-        except StoreUnavailable as exc:
-            log.warning("could not end interrupted turns: the store is unavailable",
-                        error=str(exc), ended=ended)  # fmt: skip
-            return
-        if ended:
-            log.info("ended interrupted turns", count=ended)
-
-    async def _end_interrupted(self, record: MessageRecord) -> None:
-        latency = max(time.time() - record.created_at, 0.0)
-        event = ChatFailed(
-            message_id=record.message_id,
-            conversation_id=record.conversation_id,
-            tenant=record.tenant,
-            request_id="",  # the request is gone with the process that served it
-            model=record.model,
-            query=record.query,
-            callback_url=record.meta.get("callback_url"),
-            text=record.response,
-            usage=None,
-            latency=latency,
-            first_token_latency=None,
-            error_type=INTERRUPTED,
-            error_message="chatbus stopped before the answer ended (the process exited or"
-            " was killed); the answer is kept as far as its last checkpoint",
-        )
-        outcome = Outcome(record.response, Status.INTERRUPTED, None, latency, INTERRUPTED)
-        await self.store.finish_message(record.message_id, outcome, self.plan(event))
-        self.bus.publish(event)
 
     def plan(self, event: Event) -> list[Delivery]:
         """What plugins say this event owes the outside world (the outbox)."""
