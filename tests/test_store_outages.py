@@ -20,6 +20,7 @@ from core.outbox import Delivery
 from plugins.history_sqlite.store import SqliteStore
 from tests.conftest import Chatbus, StartChatbus
 from tests.mongo_server import MongoServer
+from tests.sse import Stream
 from tests.waiting import wait_until
 
 
@@ -263,3 +264,31 @@ async def test_a_wrong_mongodb_password_is_an_unavailable_store(
     captured = capsys.readouterr()
     assert "wr0ng-pa55word" not in captured.out + captured.err
     assert "Traceback" not in captured.out + captured.err
+
+
+async def test_mongodb_down_mid_run_then_back(start_chatbus: StartChatbus, tmp_path: Path) -> None:
+    # A real MongoDB-compatible server that stops and comes back on the same port and data.
+    server = MongoServer(tmp_path / "mongo-data").start()
+    try:
+        mongo = {"uri": server.uri(), "server_selection_timeout": 0.5, "operation_timeout": 2}
+        chatbus = await start_chatbus(history={"backend": "mongo", "mongo": mongo})
+        before = await chatbus.chat(query="before")
+        assert before.text == "before"
+        server.stop()
+        status, body = await ready(chatbus)
+        assert (status, "MongoDB unreachable" in body["store"]) == (503, True)
+        await assert_503_before_anything(chatbus)
+        server.start()
+
+        async def answered() -> Stream | None:
+            stream = await chatbus.chat(query="after")
+            return stream if stream.status == 200 else None
+
+        after = await wait_until(answered, "an answer again")
+        assert after is not None and after.text == "after"
+        (message_id,) = before.message_ids
+        kept = await chatbus.store.get_message("default", message_id)  # nothing was lost
+        assert kept is not None and kept.response == "before"
+        await chatbus.close()
+    finally:
+        server.stop()
