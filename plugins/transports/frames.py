@@ -10,13 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
 
-from core.turn import ClientDisconnected
+from core.turn import ChatTurn, ClientDisconnected, TurnResult
 
 HELD_LIMIT = 64 * 1024  # bytes a BurstWriter holds at most: past it, a burst is written
+Closing = Callable[[TurnResult], Awaitable[bytes]]
+
+
+async def stream_turn(frames: FrameWriter, turn: ChatTurn, closing: Closing) -> None:
+    """The streaming skeleton of every SSE transport: run the turn into `frames`, then write
+    the frames `closing` makes of how it ended (a finish, an error); a client gone meanwhile
+    is no error (the turn is recorded as cancelled)."""
+    try:
+        result = await turn.run(frames.send)
+        await frames.end(await closing(result))
+    except ClientDisconnected:
+        pass
+    finally:
+        frames.close()
 
 
 class FrameWriter:

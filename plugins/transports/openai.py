@@ -27,10 +27,10 @@ from core.keys import CONFIG, SERVICE
 from core.providers import ProviderError, ShuttingDown
 from core.routes import caller_of
 from core.schemas import ChatRequest
-from core.turn import ChatTurn, ClientDisconnected, TurnResult
+from core.turn import ChatTurn, TurnResult
 from core.validation import problem_of
 from core.web import ApiError, answer_errors_as, json_response, read_body
-from plugins.transports.frames import BurstWriter
+from plugins.transports.frames import BurstWriter, stream_turn
 
 SEPARATOR = b"\n\n"  # what OpenAI sends
 DONE = b"data: [DONE]" + SEPARATOR
@@ -235,18 +235,15 @@ async def stream(
     head = b"data: " + orjson.dumps(chunk)[:-1] + b',"choices":[{"index":0,"delta":{"content":'
     tail = b'},"finish_reason":null}]}' + SEPARATOR
     frames = BurstWriter(response, head, tail)
+    opening = {"index": 0, "delta": {"role": "assistant", "content": ""}}
 
-    async with response:
-        opening = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+    async def ending(result: TurnResult) -> bytes:
+        return await closing(service, turn, result, chunk, include_usage)
+
+    async with response:  # stops the keep-alive pings, whatever happens
         with contextlib.suppress(ConnectionResetError):  # if gone, the first delta says so
             await response.write(frame({**chunk, "choices": [{**opening, "finish_reason": None}]}))
-        try:
-            result = await turn.run(frames.send)
-            await frames.end(await closing(service, turn, result, chunk, include_usage))
-        except ClientDisconnected:
-            pass  # the turn is recorded as cancelled
-        finally:
-            frames.close()
+        await stream_turn(frames, turn, ending)
     return response
 
 

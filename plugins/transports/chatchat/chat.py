@@ -25,9 +25,9 @@ from core.keys import CONFIG, SERVICE
 from core.providers import ProviderError, ShuttingDown
 from core.routes import caller_of
 from core.schemas import ChatRequest
-from core.turn import ChatTurn, ClientDisconnected, TurnResult
+from core.turn import ChatTurn, TurnResult
 from core.web import json_response, read_body
-from plugins.transports.frames import FrameWriter
+from plugins.transports.frames import FrameWriter, stream_turn
 
 SEPARATOR = b"\r\n\r\n"  # what chatchat's own server (sse-starlette) sends
 FAILED_STATUS = 502  # an upstream failure: the status of an answer that is not streamed
@@ -109,13 +109,11 @@ async def answer(request: web.Request, turn: ChatTurn, body: ChatRequest) -> web
     tail = b',"message_id":"' + turn.message_id.encode() + b'"}' + framing.suffix
     frames = FrameWriter(response, head, tail)
 
-    async with response:
-        try:
-            result = await turn.run(frames.send)
-            if result.error is not None:
-                await frames.end(framing.frame(error_frame(result)))
-        except ClientDisconnected:
-            pass  # the turn is recorded as cancelled
+    async def closing(result: TurnResult) -> bytes:
+        return b"" if result.error is None else framing.frame(error_frame(result))
+
+    async with response:  # stops the keep-alive pings, whatever happens
+        await stream_turn(frames, turn, closing)
     return response
 
 
