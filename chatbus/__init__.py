@@ -40,7 +40,7 @@ from core.history import (
     StoreUnavailable,
     Turn,
 )
-from core.hookspecs import PROJECT, hookimpl
+from core.hookspecs import PROJECT, Lifespan, hookimpl
 from core.keys import CONFIG, METRICS, PLUGINS, SERVICE
 from core.outbox import Delivery, DeliveryStatus, Outbox
 from core.providers import (
@@ -110,6 +110,7 @@ __all__ = [
     "FeedbackReceived",
     "HistoryStore",
     "HistoryStoreFactory",
+    "Lifespan",
     "MalformedResponse",
     "Message",
     "MessageNotFound",

@@ -22,6 +22,7 @@ import aiohttp
 import pluggy
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
@@ -60,6 +61,10 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     app.on_shutdown.append(_stop_answering)
     routes.add_routes(app.router)
     pm.hook.register_routes(app=app, router=app.router)
+    added: list[Middleware] = []
+    pm.hook.register_middlewares(app=app, register=added.append)
+    app.middlewares[1:1] = added  # inside the request context, before the API-key check
+    pm.hook.register_lifespans(app=app, register=app.cleanup_ctx.append)
     return app
 
 

@@ -6,11 +6,12 @@ background, each with one frozen event object (`core.events`); they may be `asyn
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import pluggy
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from core.config import Config
 from core.events import (
@@ -49,6 +50,24 @@ def register_history_stores(register: Callable[[str, HistoryStoreFactory], None]
 @hookspec
 def register_routes(app: web.Application, router: web.UrlDispatcher) -> None:
     """Add HTTP endpoints (transports and extensions)."""
+
+
+# A `cleanup_ctx`-style context: set up before its `yield`, torn down after it.
+Lifespan = Callable[[web.Application], AsyncIterator[None]]
+
+
+@hookspec
+def register_middlewares(app: web.Application, register: Callable[[Middleware], None]) -> None:
+    """Add request middlewares: `register(middleware)`. They run inside chatbus's request
+    context (request id, errors answered as JSON) and before the API-key check, in the order
+    registered. Called once, after `register_routes`."""
+
+
+@hookspec
+def register_lifespans(app: web.Application, register: Callable[[Lifespan], None]) -> None:
+    """Add what runs while the app serves: `register(lifespan)`, an async generator that
+    sets up before its `yield` (the chat service exists by then) and tears down after it
+    (before the service closes). Called once, after `register_routes`."""
 
 
 @hookspec(firstresult=True)

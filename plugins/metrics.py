@@ -89,6 +89,11 @@ class Metrics:
     def chat_cancelled(self, event: ChatEnded) -> None:
         self._ended(event, "cancelled")
 
+    @hookimpl
+    def register_middlewares(self, app: web.Application, register: Any) -> None:
+        if app[METRICS] is self.registry:  # this app's, not another's in the same process
+            register(self.count)
+
     async def handle(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -98,6 +103,4 @@ class Metrics:
 def register_routes(app: web.Application, router: web.UrlDispatcher) -> None:
     metrics = Metrics(app[METRICS])
     app[PLUGINS].register(metrics, f"metrics-{id(app)}-{time.monotonic_ns()}")
-    # Inside the error middleware (which turns errors into answers), outside the others.
-    app.middlewares.insert(1, metrics.count)
     router.add_get("/metrics", metrics.handle)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 
 from core.config import ConfigError
 from core.hookspecs import hookimpl
+from core.keys import SERVICE
 from core.plugins import (
     BUILTIN_PLUGINS,
     CoreDefaults,
@@ -18,10 +21,12 @@ from core.plugins import (
     make_plugin_manager,
     provider_factories,
 )
+from core.web import REQUEST_ID
 from plugins.history_mongo import make_store as make_mongo_store
 from plugins.history_sqlite import make_store
 from plugins.providers.echo import make_echo
 from plugins.providers.openai_compat import make_openai_compat
+from tests.conftest import StartChatbus
 
 
 @pytest.fixture
@@ -287,3 +292,47 @@ def test_a_misspelt_hook_is_a_config_error(plugin_dir: Path) -> None:
     )
     with pytest.raises(ConfigError, match="chat_complete"):
         make_plugin_manager(["chatbus_test_misspelt"], entry_points=False)
+
+
+# --- register_middlewares and register_lifespans -----------------------------------------
+
+
+class Tracing:
+    """A plugin with a middleware of its own and something that lives as long as the app."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []  # (path, request id) of each request
+        self.lifespan: list[str] = []
+
+    @hookimpl
+    def register_middlewares(self, app: web.Application, register: Any) -> None:
+        @web.middleware
+        async def trace(request: web.Request, handler: Any) -> web.StreamResponse:
+            self.seen.append((request.path, request[REQUEST_ID]))  # inside the request context
+            response = await handler(request)
+            response.headers["X-Traced"] = "yes"
+            return response
+
+        register(trace)
+
+    @hookimpl
+    def register_lifespans(self, app: web.Application, register: Any) -> None:
+        async def lifespan(app: web.Application) -> AsyncIterator[None]:
+            self.lifespan.append(f"up, service {SERVICE in app}")
+            yield
+            self.lifespan.append(f"down, store open {app[SERVICE].store is not None}")
+
+        register(lifespan)
+
+
+async def test_a_plugins_middleware_and_lifespan(start_chatbus: StartChatbus) -> None:
+    tracing = Tracing()
+    chatbus = await start_chatbus(tracing)
+    async with chatbus.http.get(chatbus.url + "/models") as response:
+        assert response.status == 200
+        assert response.headers["X-Traced"] == "yes"
+        request_id = response.headers["X-Request-Id"]
+    assert tracing.seen == [("/models", request_id)]  # it ran inside the request context
+    assert tracing.lifespan == ["up, service True"]
+    await chatbus.close()
+    assert tracing.lifespan == ["up, service True", "down, store open True"]

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -62,7 +63,7 @@ def _endpoints(config: Config) -> list[options.Endpoint]:
 
 
 @hookimpl
-def register_routes(app: web.Application, router: web.UrlDispatcher) -> None:
+def register_lifespans(app: web.Application, register: Any) -> None:
     config = app[CONFIG]
     options.endpoints(config)  # a bad [[webhooks]] table stops start-up, in one line
     settings = options.delivery(config)
@@ -77,7 +78,7 @@ def register_routes(app: web.Application, router: web.UrlDispatcher) -> None:
         await service.drain(service.time_left())
         await deliverer.stop(within=service.time_left())
 
-    app.cleanup_ctx.append(deliver_in_background)
+    register(deliver_in_background)
 
 
 def _data(event: Event) -> dict[str, object]:
