@@ -34,7 +34,7 @@ from core.history import HistoryStore, MessageRecord, Outcome
 from core.outbox import Delivery
 from core.providers import Message, ModelCall, ShuttingDown
 from core.registry import ModelRegistry
-from core.schemas import ChatRequest, FeedbackRequest
+from core.schemas import ChatRequest
 from core.templates import PromptTemplates
 from core.turn import ChatTurn
 
@@ -182,19 +182,18 @@ class ChatService:
         turn.history_turns = sum(message["role"] != "system" for message in history) // 2
         return turn
 
-    async def feedback(self, request: FeedbackRequest, caller: Caller) -> None:
-        record = await self.store.set_feedback(
-            caller.tenant, request.message_id, request.score, request.reason
-        )
+    async def feedback(self, caller: Caller, message_id: str, score: int, reason: str) -> None:
+        """Rate one of the caller's answers; MessageNotFound when it has no such message."""
+        record = await self.store.set_feedback(caller.tenant, message_id, score, reason)
         if record is None:
-            raise MessageNotFound(request.message_id)
+            raise MessageNotFound(message_id)
         await self.publish(
             FeedbackReceived(
                 message_id=record.message_id,
                 conversation_id=record.conversation_id,
                 tenant=record.tenant,
-                score=request.score,
-                reason=request.reason,
+                score=score,
+                reason=reason,
             )
         )
 

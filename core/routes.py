@@ -10,14 +10,12 @@ from core import conversations
 from core.chat import Caller
 from core.history import StoreUnavailable
 from core.keys import SERVICE
-from core.schemas import FeedbackRequest
-from core.web import REQUEST_ID, TENANT, json_response, read_body
+from core.web import REQUEST_ID, TENANT, json_response
 
 READY_TIMEOUT = 3.0  # above a store's own time to say it is down (MongoDB: 2 s)
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
-    router.add_post("/chat/feedback", feedback)
     router.add_get("/models", models)
     router.add_get("/health/live", live)
     router.add_get("/health/ready", ready)
@@ -26,15 +24,6 @@ def add_routes(router: web.UrlDispatcher) -> None:
 
 def caller_of(request: web.Request) -> Caller:
     return Caller(request_id=request[REQUEST_ID], tenant=request[TENANT])
-
-
-async def feedback(request: web.Request) -> web.Response:
-    """chatchat's feedback: 200 `{"code": 200, ...}`; an unknown message is a 404."""
-    body = await read_body(request, FeedbackRequest)
-    await request.app[SERVICE].feedback(body, caller_of(request))
-    return json_response(
-        {"code": 200, "msg": f"feedback recorded for {body.message_id}", "data": None}
-    )
 
 
 async def models(request: web.Request) -> web.Response:

@@ -91,9 +91,3 @@ class ChatRequest(ChatchatBody):
         if any(message.role != "system" for message in self.history):
             return 0
         return max(self.history_len, 0)
-
-
-class FeedbackRequest(ChatchatBody):
-    message_id: str = Field(min_length=1, max_length=64)
-    score: int = Field(ge=0, le=100)
-    reason: str = Field("", max_length=10_000)
