@@ -151,10 +151,20 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
 
 
 @pytest.fixture
-def store_backend() -> str:
-    """The store `start_chatbus` runs on. A test module runs its tests on both stores by
-    overriding it: `@pytest.fixture(params=["sqlite", "mongo"])`."""
-    return "sqlite"
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """The store `start_chatbus` runs on: SQLite, or each store in turn for tests marked
+    `both_stores` (see pytest_generate_tests)."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `both_stores` that start a chatbus run on SQLite and on MongoDB, unless
+    a test names its store itself (`parametrize("store_backend", ..., indirect=True)`)."""
+    marks = metafunc.definition.iter_markers("parametrize")
+    named = any("store_backend" in str(mark.args[0]) for mark in marks)
+    wanted = metafunc.definition.get_closest_marker("both_stores") is not None
+    if wanted and not named and "store_backend" in metafunc.fixturenames:
+        metafunc.parametrize("store_backend", ["sqlite", "mongo"], indirect=True)
 
 
 @pytest.fixture

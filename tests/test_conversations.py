@@ -13,6 +13,8 @@ from core.auth import digest
 from core.history import MessageRecord, Status
 from tests.conftest import Chatbus, StartChatbus
 
+pytestmark = pytest.mark.both_stores  # every test that starts a chatbus: SQLite and MongoDB
+
 
 async def get(chatbus: Chatbus, path: str, **headers: str) -> tuple[int, Any]:
     async with chatbus.http.get(chatbus.url + path, headers=headers) as response:
@@ -298,9 +300,3 @@ async def test_an_unreachable_store_is_a_503(start_chatbus: StartChatbus) -> Non
             error = (await response.json())["error"]
         assert error["type"] == "store_unavailable"
         assert "try again" in error["message"]
-
-
-@pytest.fixture(params=["sqlite", "mongo"])
-def store_backend(request: pytest.FixtureRequest) -> str:
-    """Every conversations test runs on both stores, end to end."""
-    return str(request.param)

@@ -15,6 +15,8 @@ from core.history import Status
 from tests.conftest import Chatbus, StartChatbus
 from tests.waiting import wait_until
 
+pytestmark = pytest.mark.both_stores  # every test that starts a chatbus: SQLite and MongoDB
+
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -190,9 +192,3 @@ async def test_shutdown_lets_answers_in_flight_finish(start_chatbus: StartChatbu
     assert "error" not in stream.frames[-1]
     with pytest.raises(aiohttp.ClientConnectionError):
         await chatbus.chat(query="too late")
-
-
-@pytest.fixture(params=["sqlite", "mongo"])
-def store_backend(request: pytest.FixtureRequest) -> str:
-    """Every test of this route runs end to end on both stores."""
-    return str(request.param)

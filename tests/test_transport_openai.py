@@ -23,6 +23,8 @@ from core.history import Status, StoreUnavailable
 from core.providers import Usage
 from tests.conftest import Chatbus, StartChatbus
 
+pytestmark = pytest.mark.both_stores  # every test that starts a chatbus: SQLite and MongoDB
+
 USER: ChatCompletionUserMessageParam = {"role": "user", "content": "one two three"}
 
 
@@ -463,9 +465,3 @@ async def test_invalid_upstream_token_counts_are_not_sent_on(
     record = await chatbus.store.get_message("default", message_id)
     assert record is not None
     assert record.usage == Usage(prompt_tokens=None, completion_tokens=4)
-
-
-@pytest.fixture(params=["sqlite", "mongo"])
-def store_backend(request: pytest.FixtureRequest) -> str:
-    """Every test of this route runs end to end on both stores."""
-    return str(request.param)

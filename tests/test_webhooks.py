@@ -39,6 +39,8 @@ from plugins.transports.webhook.deliverer import Deliverer
 from tests.conftest import Chatbus, StartChatbus, make_config
 from tests.waiting import wait_until
 
+pytestmark = pytest.mark.both_stores  # every test that starts a chatbus: SQLite and MongoDB
+
 SECRET = "whsec_" + base64.b64encode(b"chatbus-test-secret-0123456789ab").decode()
 OLD_SECRET = "whsec_" + base64.b64encode(b"chatbus-old-secret-0123456789abc").decode()
 FAST = {"schedule": [0.05, 0.05, 0.05], "poll_seconds": 0.05, "timeout_seconds": 0.5}
@@ -690,9 +692,3 @@ async def test_stop_leaves_attempts_in_flight_to_their_lease(start_chatbus: Star
         held.gate.set()
         second = await start_chatbus(webhook_delivery=settings)
         await wait_until(delivered(second.store, 1), "delivered by the next instance", timeout=10)
-
-
-@pytest.fixture(params=["sqlite", "mongo"])
-def store_backend(request: pytest.FixtureRequest) -> str:
-    """Every webhook test that starts a chatbus runs on both stores: the outbox is theirs."""
-    return str(request.param)
