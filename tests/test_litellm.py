@@ -9,13 +9,14 @@ fresh interpreters.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
 import sys
 import textwrap
 import traceback
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -39,7 +40,12 @@ from core.providers import (
     UpstreamUnavailable,
     Usage,
 )
-from plugins.providers.litellm import LiteLLMProvider, load_litellm, make_litellm
+from plugins.providers.litellm import (
+    LiteLLMProvider,
+    close_shared_session,
+    load_litellm,
+    make_litellm,
+)
 from tests.conftest import StartChatbus
 from tests.waiting import wait_until
 
@@ -52,6 +58,13 @@ KEY_VAR = "CHATBUS_TEST_LITELLM_KEY"
 KEY = "sk-litellm-test-123"
 # litellm 1.110 reads pydantic attributes pydantic 2.11 deprecated: its business, not ours.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:litellm")
+
+
+@pytest.fixture(autouse=True)
+async def closed_after() -> AsyncIterator[None]:
+    """The providers made here are never opened by an app: close what they share after each."""
+    yield
+    await close_shared_session()
 
 
 @pytest.fixture
@@ -408,6 +421,55 @@ async def test_random_bytes_are_malformed(upstream: FakeUpstream, key: str) -> N
     exc, pieces = await failure(provider_for(upstream))
     assert type(exc) is MalformedResponse  # not retried, as a broken connection would be
     assert pieces == []
+
+
+def frame(content: str, finish: str | None = None) -> bytes:
+    delta = {"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]}
+    return b"data: " + json.dumps(delta).encode() + b"\n\n"
+
+
+async def test_a_line_that_never_ends_is_refused_at_the_limit(
+    upstream: FakeUpstream, key: str
+) -> None:
+    upstream.behaviour = Behaviour(long_line=64 * 1024 * 1024)  # 64 MiB, no newline
+    exc, pieces = await failure(provider_for(upstream))  # the default limit: 1 MiB
+    assert type(exc) is MalformedResponse
+    assert str(exc) == "the upstream sent an event longer than 1048576 bytes"
+    assert pieces == [DEFAULT_TOKENS[0]]
+    assert await upstream.wait_for_close(5.0)  # it stopped reading: the upstream is let go
+
+
+async def test_an_event_that_never_ends_is_refused_at_the_limit(
+    upstream: FakeUpstream, key: str
+) -> None:
+    # Short lines, but no blank line: the OpenAI SDK would hold them all as one event.
+    lines = b"data: x\n" * 200_000  # 1.6 MB
+    upstream.behaviour = Behaviour(raw_body=frame("a") + lines, raw_type="text/event-stream")
+    exc, pieces = await failure(provider_for(upstream))
+    assert str(exc) == "the upstream sent an event longer than 1048576 bytes"
+    assert pieces == ["a"]
+
+
+async def test_the_event_limit_is_each_models_own(upstream: FakeUpstream, key: str) -> None:
+    body = frame("x" * 5000, finish="stop") + b"data: [DONE]\n\n"  # a 5 kB event
+    upstream.behaviour = Behaviour(raw_body=body, raw_type="text/event-stream")
+    small, large = provider_for(upstream, max_event_bytes=4096), provider_for(upstream)
+    exc, _ = await failure(small)
+    assert str(exc) == "the upstream sent an event longer than 4096 bytes"
+    pieces, _ = await collect(large)
+    assert pieces == ["x" * 5000]
+    exc, _ = await failure(small)  # the same litellm client, the small model's limit again
+    assert str(exc) == "the upstream sent an event longer than 4096 bytes"
+
+
+async def test_events_split_across_reads_are_counted_from_their_end(
+    upstream: FakeUpstream, key: str
+) -> None:
+    # Many events, each under the limit, the whole far over it: nothing is refused.
+    tokens = [f"{n:04}" + "y" * 996 for n in range(300)]  # 300 kB
+    upstream.behaviour = Behaviour(tokens=tokens, one_write=True)
+    pieces, _ = await collect(provider_for(upstream, max_event_bytes=2048))
+    assert pieces == tokens
 
 
 # Strings and floats litellm's own validation refuses (the stream then fails inside litellm);

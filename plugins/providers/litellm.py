@@ -5,6 +5,11 @@ litellm is heavy (seconds and some hundreds of MB to import), so chatbus never i
 unless a model with `provider = "litellm"` is configured: `open` imports it in a thread at
 start-up, with `LITELLM_LOCAL_MODEL_COST_MAP=True` so that the import never reaches for the
 network. litellm's own retries are off (chatbus retries before the first delta itself).
+
+Every litellm request goes through one aiohttp session of chatbus's (litellm's
+`shared_session`), whose responses refuse an event longer than the model's
+`max_event_bytes`: the OpenAI SDK (and litellm's own parsers) hold an event whole, with no
+limit of their own, so an upstream that never ends a line would otherwise take all memory.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import logging
 import os
 import re
 import sys
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextvars import ContextVar
 from types import ModuleType
 from typing import Any
 
@@ -73,6 +79,9 @@ class LiteLLMOptions(BaseModel):
     api_base: str | None = Field(None, description="the API's base URL, when not the default")
     api_key_env: str | None = Field(None, description="environment variable holding the key")
     timeout: float = Field(120.0, gt=0, description="seconds: longest wait for the upstream")
+    max_event_bytes: int = Field(
+        1 << 20, gt=0, description="longest event (or line) of the upstream's stream"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -111,6 +120,102 @@ async def load_litellm() -> ModuleType:
     return _litellm
 
 
+# --- the event limit ----------------------------------------------------------------------
+
+
+class EventTooLong(Exception):
+    """The upstream sent more than the limit's bytes without ending an event."""
+
+
+# The limit of the request being made; set only while `acompletion` sends it (so in the task
+# and context that open the response), never across a yield.
+_event_limit: ContextVar[int | None] = ContextVar("chatbus_litellm_event_limit", default=None)
+# An event ends at a blank line: "\n\n", "\r\r" or "\r\n\r\n".
+_EVENT_END = re.compile(rb"\n\r?\n|\r\r")
+
+
+class _EventLimitedResponse(aiohttp.ClientResponse):
+    async def start(self, connection: Any) -> aiohttp.ClientResponse:
+        await super().start(connection)
+        limit = _event_limit.get()
+        if limit is not None:
+            self.content = _EventLimitedBody(self.content, limit)  # type: ignore[assignment]
+        return self
+
+
+class _EventLimitedBody:
+    """The response body as litellm's transport reads it (`iter_chunked`), counting the bytes
+    since the last blank line; anything else is the body's own."""
+
+    def __init__(self, body: aiohttp.StreamReader, limit: int) -> None:
+        self._body = body
+        self._limit = limit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._body, name)
+
+    def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
+        return self._counted(self._body.iter_chunked(n))
+
+    def iter_any(self) -> AsyncIterator[bytes]:
+        return self._counted(self._body.iter_any())
+
+    async def _counted(self, reads: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        run = 0  # bytes of the event not ended yet
+        tail = b""  # the last bytes read, for an end split between two reads
+        async for chunk in reads:
+            seen = tail + chunk
+            events = _EVENT_END.split(seen)
+            longest = max(run - len(tail), 0) + len(events[0])  # the event under way
+            if len(events) > 2:
+                longest = max(longest, *map(len, events[1:-1]))
+            if longest > self._limit:
+                raise EventTooLong(f"the upstream sent an event longer than {self._limit} bytes")
+            run = longest if len(events) == 1 else len(events[-1])
+            tail = seen[-2:]
+            yield chunk
+
+
+_session: aiohttp.ClientSession | None = None
+_session_loop: asyncio.AbstractEventLoop | None = None
+
+
+def shared_session() -> aiohttp.ClientSession:
+    """chatbus's session for litellm, made in the running loop. litellm caches its clients
+    whatever the session, so a new session (a new loop, after a close) forgets them."""
+    global _session, _session_loop
+    loop = asyncio.get_running_loop()
+    if _session is None or _session.closed or _session_loop is not loop:
+        _forget_litellm_clients()
+        _session_loop = loop
+        _session = aiohttp.ClientSession(
+            response_class=_EventLimitedResponse,
+            cookie_jar=aiohttp.DummyCookieJar(),  # one upstream's cookies are not another's
+        )
+    return _session
+
+
+def _forget_litellm_clients() -> None:
+    cache = getattr(_litellm, "in_memory_llm_clients_cache", None)
+    if cache is not None:
+        cache.flush_cache()
+
+
+async def close_shared_session() -> None:
+    """Close litellm's cached clients, then the session under them."""
+    global _session
+    close = getattr(_litellm, "close_litellm_async_clients", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:  # best effort at shut-down
+            log.warning("closing litellm's clients failed", exc_info=True)
+    _forget_litellm_clients()
+    if _session is not None:
+        session, _session = _session, None
+        await session.close()
+
+
 # --- the provider -------------------------------------------------------------------------
 
 
@@ -134,13 +239,8 @@ class LiteLLMProvider:
         await load_litellm()
 
     async def aclose(self) -> None:
-        """Close litellm's cached HTTP clients (shared by every litellm model)."""
-        close = getattr(_litellm, "close_litellm_async_clients", None)
-        if close is not None:
-            try:
-                await close()
-            except Exception:  # best effort at shut-down
-                log.warning("closing litellm's clients failed", exc_info=True)
+        """Close the HTTP clients every litellm model shares."""
+        await close_shared_session()
 
     def _key(self) -> str | None:
         # None: litellm's own conventions apply (OPENAI_API_KEY, AWS_*, ...)
@@ -154,6 +254,7 @@ class LiteLLMProvider:
             "messages": call.messages,
             "temperature": call.temperature,
             "stream_options": {"include_usage": True},  # a fresh one: litellm may edit it
+            "shared_session": shared_session(),
         }
         if call.max_tokens is not None:
             kwargs["max_tokens"] = call.max_tokens
@@ -169,7 +270,11 @@ class LiteLLMProvider:
         finished = False
         said = False
         try:
-            response = await litellm.acompletion(**kwargs)
+            limit = _event_limit.set(self.options.max_event_bytes)
+            try:
+                response = await litellm.acompletion(**kwargs)
+            finally:
+                _event_limit.reset(limit)
             async for chunk in response:
                 choices = chunk.choices
                 if choices:
@@ -185,6 +290,9 @@ class LiteLLMProvider:
                     if not choices and not to_the_end:
                         break
         except Exception as exc:
+            too_long = _first_in_chain(exc, lambda e: isinstance(e, EventTooLong))
+            if too_long is not None:
+                raise MalformedResponse(str(too_long)) from None
             if finished and _found_in_chain(exc, _is_usage_error):
                 # litellm refused the counts after the answer finished: the answer stands.
                 log.warning("invalid usage dropped", error=type(exc).__name__)
@@ -316,18 +424,25 @@ def _is_usage_error(exc: BaseException) -> bool:
 
 
 def _found_in_chain(exc: BaseException, match: Callable[[BaseException], bool]) -> bool:
+    return _first_in_chain(exc, match) is not None
+
+
+def _first_in_chain(
+    exc: BaseException, match: Callable[[BaseException], bool]
+) -> BaseException | None:
+    """The first exception of `exc`'s chain (causes, contexts, litellm's originals) to match."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         if match(current):
-            return True
+            return current
         seen.add(id(current))
         following = current.__cause__ or current.__context__
         if following is None:  # MidStreamFallbackError keeps its cause as an attribute
             original = getattr(current, "original_exception", None)
             following = original if isinstance(original, BaseException) else None
         current = following
-    return False
+    return None
 
 
 # --- registration -------------------------------------------------------------------------
