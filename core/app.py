@@ -8,7 +8,7 @@ Shutdown (aiohttp's `runner.cleanup()`, which SIGTERM runs): the listeners close
 `on_shutdown` lets the answers under way finish for the grace and cuts the rest short;
 aiohttp closes the connections; then the cleanup contexts run in reverse order, the
 plugins' (the webhook deliverer waits for the turns' ends to be written, delivers what is
-due and stops) before the service's. All of it within the grace and ChatService's
+due and stops) before the service's. All of it within the grace and core/cutoff.py's
 CLOSE_SECONDS.
 """
 
@@ -75,7 +75,7 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _stop_answering(app: web.Application) -> None:
-    await app[SERVICE].stop_answering(app[CONFIG].server.shutdown_grace_seconds)
+    await app[SERVICE].cutoff.stop_answering()
 
 
 @asynccontextmanager
@@ -110,7 +110,7 @@ async def open_service(
         try:
             yield service
         finally:
-            await service.drain(service.time_left())
+            await service.recorder.drain(service.cutoff.time_left())
 
 
 def make_store(config: Config, pm: pluggy.PluginManager) -> HistoryStore:

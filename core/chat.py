@@ -9,13 +9,11 @@ name.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
 import pluggy
@@ -23,29 +21,19 @@ import structlog
 
 from core.bus import EventBus
 from core.config import Config, split_authority
+from core.cutoff import Cutoff
 from core.errors import CallbackNotAllowed, MessageNotFound, UnknownModel, UnknownPrompt
-from core.events import (
-    ChatReceived,
-    ChatStarted,
-    Event,
-    FeedbackReceived,
-)
-from core.history import HistoryStore, MessageRecord, Outcome
-from core.outbox import Delivery
-from core.providers import Message, ModelCall, ShuttingDown
+from core.events import ChatReceived, ChatStarted, FeedbackReceived
+from core.history import HistoryStore, MessageRecord
+from core.providers import Message, ModelCall
+from core.recorder import Recorder
 from core.registry import ModelRegistry
 from core.schemas import ChatRequest
 from core.templates import PromptTemplates
-from core.turn import ChatTurn
+from core.turn import ChatTurn, TurnServices
 
 log = structlog.get_logger("chatbus.chat")
 DEFAULT_PORTS = {"http": 80, "https": 443}
-SAVE_RETRY_FIRST, SAVE_RETRY_MAX = 0.5, 30.0  # seconds between tries to store an answer
-# Seconds a shutdown has after the grace for the ends of the answers it cut (their records,
-# last frames, events and deliveries); closing the store and the process's exit take part
-# of the rest of the second a shutdown may last past its grace.
-CLOSE_SECONDS = 0.6
-CUT_SHORT = "chatbus is shutting down; the answer was cut short"
 
 
 def callback_problem(url: str, allowed: set[tuple[str, int | None]]) -> str | None:
@@ -93,20 +81,15 @@ class ChatService:
         bus: EventBus,
         hooks: pluggy.HookRelay,
     ) -> None:
-        self.app_config = config
         self.config = config.chat
         self.default_model = config.default_model
         self.models = models
         self.prompts = prompts
         self.store = store
-        self.bus = bus
         self._hooks = hooks
-        self._background: set[asyncio.Task[Any]] = set()
-        self._answers: set[asyncio.Timeout] = set()  # one per answer under way: shutdown's cut
-        self._no_answers = asyncio.Event()
-        self._no_answers.set()
-        self._cutting = False  # the grace is over: an answer is cut as soon as it starts
-        self._done_by: float | None = None  # the loop time by which a shutdown is done
+        self.recorder = Recorder(store=store, bus=bus, hooks=hooks, config=config)
+        self.cutoff = Cutoff(config.server.shutdown_grace_seconds)
+        self._turns = TurnServices(models, self.recorder, self.cutoff, config.chat)
         self._callback_targets = {split_authority(entry) for entry in config.chat.callback_hosts}
 
     @asynccontextmanager
@@ -121,7 +104,8 @@ class ChatService:
         try:
             await self.store.add_message(turn.record)
         except asyncio.CancelledError:
-            self.spawn(turn.abandon())  # the write may still land: the end is written after it
+            # The write may still land: the end is written after it.
+            self.recorder.spawn(turn.abandon())
             raise
         try:
             ids = turn.identity
@@ -135,11 +119,11 @@ class ChatService:
                 model=turn.record.model,
                 history_turns=turn.history_turns,
             )
-            await self.publish(started)
+            await self.recorder.publish(started)
             yield turn
         finally:
             if not turn.claimed:
-                self.spawn(turn.abandon())
+                self.recorder.spawn(turn.abandon())
 
     async def _prepare(self, request: ChatRequest, caller: Caller) -> ChatTurn:
         """The turn, its model call built; nothing is stored yet."""
@@ -159,7 +143,7 @@ class ChatService:
             created_at=time.time(),
             meta={"callback_url": request.callback_url} if request.callback_url else {},
         )
-        turn = ChatTurn(self, record, caller.request_id)
+        turn = ChatTurn(self._turns, record, caller.request_id)
         ids = turn.identity
         received = ChatReceived(
             message_id=ids.message_id,
@@ -171,7 +155,7 @@ class ChatService:
             model=model,
             stream=request.stream,
         )
-        await self.publish(received)
+        await self.recorder.publish(received)
         history = await self._history(request, caller.tenant)
         messages = [
             *history,
@@ -187,7 +171,7 @@ class ChatService:
         record = await self.store.set_feedback(caller.tenant, message_id, score, reason)
         if record is None:
             raise MessageNotFound(message_id)
-        await self.publish(
+        await self.recorder.publish(
             FeedbackReceived(
                 message_id=record.message_id,
                 conversation_id=record.conversation_id,
@@ -203,136 +187,6 @@ class ChatService:
         problem = callback_problem(url, self._callback_targets)
         if problem is not None:
             raise CallbackNotAllowed(problem, self.config.callback_hosts)
-
-    def plan(self, event: Event) -> list[Delivery]:
-        """What plugins say this event owes the outside world (the outbox)."""
-        try:
-            planned = self._hooks.plan_deliveries(event=event, config=self.app_config)
-        except Exception:
-            log.exception("planning deliveries failed", hook=event.hook)
-            return []
-        return [delivery for deliveries in planned if deliveries for delivery in deliveries]
-
-    async def publish(self, event: Event) -> None:
-        """Publish an event that ends no turn; its deliveries go to the outbox first."""
-        deliveries = self.plan(event)
-        if deliveries:
-            try:
-                await self.store.outbox.add_deliveries(deliveries)
-            except Exception:
-                log.exception("could not queue deliveries", hook=event.hook,
-                              message_id=event.message_id)  # fmt: skip
-        self.bus.publish(event)
-
-    async def save_outcome(
-        self, message_id: str, outcome: Outcome, deliveries: list[Delivery] | None = None
-    ) -> None:
-        """Write how a turn ended, with the deliveries its end owes. If the store fails,
-        keep trying in the background: the answer is never silently dropped."""
-        deliveries = deliveries or []
-        try:
-            await self.store.finish_message(message_id, outcome, deliveries)
-        except Exception as exc:
-            log.warning(
-                "could not store the end of a turn; retrying",
-                message_id=message_id,
-                error=repr(exc),
-            )
-            self.spawn(self._save_later(message_id, outcome, deliveries))
-
-    async def _save_later(
-        self, message_id: str, outcome: Outcome, deliveries: list[Delivery]
-    ) -> None:
-        delay = SAVE_RETRY_FIRST
-        try:
-            while True:
-                await asyncio.sleep(delay)
-                try:
-                    await self.store.finish_message(message_id, outcome, deliveries)
-                except Exception as exc:
-                    delay = min(delay * 2, SAVE_RETRY_MAX)
-                    log.warning(
-                        "could not store the end of a turn; retrying",
-                        message_id=message_id,
-                        error=repr(exc),
-                        next_in=delay,
-                    )
-                else:
-                    log.info("stored the end of a turn after retrying", message_id=message_id)
-                    return
-        except asyncio.CancelledError:
-            # Shutting down while the store still fails: the log is the answer's last copy.
-            log.error(
-                "could not store the end of a turn before shutting down",
-                message_id=message_id,
-                status=outcome.status,
-                response=outcome.response,
-            )
-            raise
-
-    @asynccontextmanager
-    async def answering(self) -> AsyncIterator[None]:
-        """Around a turn's answer: once a shutdown's grace has run out, it is cut short with
-        `ShuttingDown` (at once if it starts after that)."""
-        cut = asyncio.timeout(0 if self._cutting else None)
-        self._answers.add(cut)
-        self._no_answers.clear()
-        try:
-            async with cut:
-                yield
-        except TimeoutError:
-            if not cut.expired():
-                raise
-            raise ShuttingDown(CUT_SHORT) from None
-        finally:
-            self._answers.discard(cut)
-            if not self._answers:
-                self._no_answers.set()
-
-    async def stop_answering(self, grace: float) -> None:
-        """Shutdown, once nothing new is accepted: let the answers under way finish for up
-        to `grace` seconds, then cut the rest short (their transports say so, their turns are
-        stored `cancelled`). What is left of the shutdown is `time_left()`."""
-        loop = asyncio.get_running_loop()
-        self._done_by = loop.time() + grace + CLOSE_SECONDS
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace):
-                await self._no_answers.wait()
-        self._cutting = True
-        if self._answers:
-            log.warning("the grace ran out: cutting answers short", count=len(self._answers))
-        for cut in self._answers:
-            if not cut.expired():
-                cut.reschedule(loop.time())
-
-    def time_left(self) -> float:
-        """Seconds left of a shutdown; before one begins (the CLI's), the whole of it."""
-        if self._done_by is None:
-            return self.app_config.server.shutdown_grace_seconds + CLOSE_SECONDS
-        return max(self._done_by - asyncio.get_running_loop().time(), 0.0)
-
-    async def drain(self, grace: float | None = None) -> None:
-        """Wait for turns still being recorded and their events; after `grace` seconds,
-        give up on what is left (each says so in the log)."""
-        deadline = None if grace is None else time.monotonic() + grace
-        while self._background:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0)
-            _, pending = await asyncio.wait(self._background, timeout=left)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
-        left = None if deadline is None else max(deadline - time.monotonic(), 0)
-        try:
-            async with asyncio.timeout(left):
-                await self.bus.drain()
-        except TimeoutError:
-            log.warning("gave up on event subscribers still running at shutdown")
-
-    def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def _history(self, request: ChatRequest, tenant: str) -> list[Message]:
         """The client's history list, then the stored turns it asks for (see turns_to_read)."""

@@ -65,5 +65,4 @@ async def _end_one(service: ChatService, record: MessageRecord) -> None:
         " was killed); the answer is kept as far as its last checkpoint",
     )
     outcome = Outcome(record.response, Status.INTERRUPTED, None, latency, INTERRUPTED)
-    await service.store.finish_message(record.message_id, outcome, service.plan(event))
-    service.bus.publish(event)
+    await service.recorder.end(outcome, event, retry=False)

@@ -3,13 +3,15 @@ what is known of whether it answers."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import structlog
 from pydantic import ValidationError
 
 from core.config import ConfigError, ModelConfig
@@ -17,6 +19,7 @@ from core.providers import ModelSpec, Provider, ProviderError, ProviderFactory, 
 from core.retry_after import retry_after_seconds
 from core.validation import first_problem
 
+log = structlog.get_logger("chatbus.chat")
 MAX_RETRY_AFTER = 30.0  # seconds: an upstream's Retry-After longer than this is not waited for
 
 
@@ -116,6 +119,38 @@ class ModelRegistry:
         yield route
         for fallback in route.fallbacks:
             yield self._routes[fallback]
+
+    async def answer(
+        self,
+        name: str,
+        attempt: Callable[[Route], Awaitable[None]],
+        answered: Callable[[], bool],
+    ) -> None:
+        """`attempt` with the model, then its retries, then its fallbacks, until one call
+        succeeds; else the last error. Once `answered()` (the client has text), nothing is
+        retried: a failure then is final."""
+        error: ProviderError | None = None
+        for route in self.chain(name):
+            for tried in range(route.retries + 1):
+                if tried:
+                    assert error is not None
+                    await asyncio.sleep(route.delay(tried, error))
+                try:
+                    await attempt(route)
+                except ProviderError as exc:
+                    route.record(exc)
+                    if answered():
+                        raise
+                    error = exc
+                    log.warning("model failed", model=route.name, attempt=tried + 1,
+                                error=exc.type, message=str(exc))  # fmt: skip
+                    if not exc.retryable:
+                        break
+                else:
+                    route.record(None)
+                    return
+        assert error is not None
+        raise error
 
     def describe(self, default: str) -> list[dict[str, Any]]:
         return [

@@ -8,10 +8,12 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractContextManager, aclosing, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
+from core.config import ChatConfig
+from core.cutoff import Cutoff
 from core.events import ChatCancelled, ChatCompleted, ChatFailed
 from core.history import MessageRecord, Outcome, Status
 from core.providers import (
@@ -22,10 +24,8 @@ from core.providers import (
     ShuttingDown,
     Usage,
 )
-
-if TYPE_CHECKING:
-    from core.chat import ChatService
-    from core.registry import Route
+from core.recorder import Recorder
+from core.registry import ModelRegistry, Route
 
 log = structlog.get_logger("chatbus.chat")
 
@@ -58,14 +58,25 @@ class TurnIdentity:
     callback_url: str | None  # async mode: where the end of the chat is delivered
 
 
+@dataclass(frozen=True, slots=True)
+class TurnServices:
+    """What every turn uses, shared: the models (with their retries and fallbacks), the
+    recorder of its end and events, the shutdown's cut-off, and [chat]'s limits."""
+
+    models: ModelRegistry
+    recorder: Recorder
+    cutoff: Cutoff
+    config: ChatConfig
+
+
 class ChatTurn:
     """One stored turn on its way: run it once."""
 
     call: ModelCall
     history_turns: int = 0  # the past turns sent with the query
 
-    def __init__(self, service: ChatService, record: MessageRecord, request_id: str) -> None:
-        self._service = service
+    def __init__(self, services: TurnServices, record: MessageRecord, request_id: str) -> None:
+        self._services = services
         self.record = record
         self.claimed = False  # a run (or abandon) owns the turn's end from then on
         self.identity = TurnIdentity(
@@ -91,6 +102,11 @@ class ChatTurn:
         self.claimed = True
         return self._logged(self._run(send))
 
+    def run_in_background(self) -> None:
+        """Run the turn with no one to send to (its end goes to the callback); shutdown's
+        drain waits for it."""
+        self._services.recorder.spawn(self.run())
+
     async def abandon(self) -> None:
         """End a turn that never ran: `cancelled`, with no answer (see ChatService.start)."""
         if self.claimed:
@@ -110,7 +126,7 @@ class ChatTurn:
         try:
             await self._answer(answer, send)
         except (asyncio.CancelledError, ClientDisconnected):
-            self._service.spawn(self._finish(answer, Status.CANCELLED))
+            self._services.recorder.spawn(self._finish(answer, Status.CANCELLED))
             raise
         except ShuttingDown as exc:  # cut short by a shutdown: the transport says why
             return await self._finish(answer, Status.CANCELLED, exc)
@@ -124,7 +140,7 @@ class ChatTurn:
         seconds = self._time_limit()
         deadline = asyncio.timeout(seconds)
         try:
-            async with deadline, self._service.answering():
+            async with deadline, self._services.cutoff.answering():
                 with self._checkpoints(answer):
                     await self._try_models(answer, send)
         except TimeoutError:
@@ -136,34 +152,12 @@ class ChatTurn:
     async def _try_models(self, answer: _Answer, send: Send | None) -> None:
         """The model, then its retries, then its fallbacks, until one answers. Once the
         client has text, nothing is retried: a failure then fails the turn."""
-        error: ProviderError | None = None
-        for route in self._service.models.chain(self.record.model):
+
+        async def attempt(route: Route) -> None:
             answer.model = route.name
-            for attempt in range(route.retries + 1):
-                if attempt:
-                    assert error is not None
-                    await asyncio.sleep(route.delay(attempt, error))
-                try:
-                    await self._relay(route, answer, send)
-                except ProviderError as exc:
-                    route.record(exc)
-                    if answer.parts:
-                        raise
-                    error = exc
-                    log.warning(
-                        "model failed",
-                        model=route.name,
-                        attempt=attempt + 1,
-                        error=exc.type,
-                        message_id=self.message_id,
-                    )
-                    if not exc.retryable:
-                        break
-                else:
-                    route.record(None)
-                    return
-        assert error is not None
-        raise error
+            await self._relay(route, answer, send)
+
+        await self._services.models.answer(self.record.model, attempt, lambda: bool(answer.parts))
 
     async def _relay(self, route: Route, answer: _Answer, send: Send | None) -> None:
         """The hot path: every delta from the provider straight to the transport, until the
@@ -197,28 +191,20 @@ class ChatTurn:
             raise ProviderError(f"the provider failed: {type(exc).__name__}") from None
 
     def _checkpoints(self, answer: _Answer) -> AbstractContextManager[object]:
-        interval = self._service.config.checkpoint_seconds
+        interval = self._services.config.checkpoint_seconds
         if not interval:
             return nullcontext()
-        return _Checkpoints(answer, interval, self._save_partial)
-
-    def _save_partial(self, text: str) -> None:
-        self._service.spawn(self._store_partial(text))
-
-    async def _store_partial(self, text: str) -> None:
-        try:
-            await self._service.store.save_partial(self.message_id, text)
-        except Exception as exc:  # a checkpoint missed is not an answer lost: the end is stored
-            log.warning("could not checkpoint the answer", error=repr(exc))
+        recorder, message_id = self._services.recorder, self.message_id
+        return _Checkpoints(answer, interval, lambda text: recorder.checkpoint(message_id, text))
 
     def _size_limit(self, route: Route) -> int:
         own = route.max_answer_chars
-        return self._service.config.max_answer_chars if own is None else own
+        return self._services.config.max_answer_chars if own is None else own
 
     def _time_limit(self) -> float:
-        route = self._service.models.get(self.record.model)
+        route = self._services.models.get(self.record.model)
         own = route.answer_timeout_seconds if route is not None else None
-        return self._service.config.answer_timeout_seconds if own is None else own
+        return self._services.config.answer_timeout_seconds if own is None else own
 
     async def _finish(
         self, answer: _Answer, status: Status, error: ProviderError | None = None
@@ -230,8 +216,7 @@ class ChatTurn:
             text, status, answer.usage, latency, error.type if error else None, answer.model
         )
         event = self._end_event(answer, status, error, text, latency, first_token)
-        await self._service.save_outcome(self.message_id, outcome, self._service.plan(event))
-        self._service.bus.publish(event)
+        await self._services.recorder.end(outcome, event)
         return TurnResult(self.message_id, text, status, error, answer.model)
 
     def _end_event(

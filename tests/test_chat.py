@@ -324,7 +324,7 @@ async def test_every_lifecycle_event_once_with_the_right_ids(chatbus: Chatbus) -
     async with chatbus.post("/chat/feedback", {"message_id": message_id, "score": 90}) as r:
         assert r.status == 200
     await chatbus.events.wait_for("feedback_received")
-    await chatbus.app[chatbus_service_key()].drain()
+    await chatbus.app[chatbus_service_key()].recorder.drain()
     hooks = [event.hook for event in chatbus.events.events]
     assert sorted(hooks) == sorted(
         ["chat_received", "chat_started", "chat_completed", "feedback_received"]

@@ -1,4 +1,4 @@
-"""Shutdown within the grace (core/server.py, ChatService.stop_answering): `chatbus serve` as a
+"""Shutdown within the grace (core/server.py, core/cutoff.py): `chatbus serve` as a
 real process on SIGTERM, its model an openai_compat one on the fake upstream; plus, in process,
 what the cut turns owe (unstreamed answers, deliveries left in the outbox)."""
 

@@ -90,9 +90,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 async def answer(request: web.Request, turn: ChatTurn, body: ChatRequest) -> web.StreamResponse:
     """The turn's answer: in the background for a callback, as one body, or streamed."""
-    config, service = request.app[CONFIG], request.app[SERVICE]
+    config = request.app[CONFIG]
     if body.callback_url is not None:  # async mode: the answer goes to the callback
-        service.spawn(turn.run())
+        turn.run_in_background()
         return json_response({"message_id": turn.message_id, "status": "accepted"}, 202)
     if not body.stream:
         result = await turn.run()

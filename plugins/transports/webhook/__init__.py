@@ -75,8 +75,8 @@ def register_lifespans(app: web.Application, register: Any) -> None:
         yield
         # Stopping last: the turns' ends, and the deliveries they owe, are written first, so
         # that the ends of the turns a shutdown cut are delivered too, if there is time.
-        await service.drain(service.time_left())
-        await deliverer.stop(within=service.time_left())
+        await service.recorder.drain(service.cutoff.time_left())
+        await deliverer.stop(within=service.cutoff.time_left())
 
     register(deliver_in_background)
 
