@@ -14,13 +14,12 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import pluggy
 import structlog
 
 from core.bus import EventBus
-from core.config import Config, split_authority
+from core.config import Config
 from core.cutoff import Cutoff
 from core.errors import CallbackNotAllowed, MessageNotFound, UnknownModel, UnknownPrompt
 from core.events import ChatReceived, ChatStarted, FeedbackReceived
@@ -33,33 +32,6 @@ from core.templates import PromptTemplates
 from core.turn import ChatTurn, TurnServices
 
 log = structlog.get_logger("chatbus.chat")
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def callback_problem(url: str, allowed: set[tuple[str, int | None]]) -> str | None:
-    """What keeps `url` from being called back, given the allowed (host, port) pairs (a None
-    port: the scheme's default); None when nothing does."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "not a valid URL"
-    default_port = DEFAULT_PORTS.get(parts.scheme)
-    if default_port is None or not parts.hostname:
-        return "not an http(s) URL"
-    if parts.username is not None or parts.password is not None:
-        return "credentials (user:pass@) are not allowed in it"
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port == 0:
-        return "its port is not valid"
-    host = parts.hostname.rstrip(".")
-    port = port or default_port
-    if (host, port) in allowed or (port == default_port and (host, None) in allowed):
-        return None
-    shown = f"[{host}]" if ":" in host else host
-    return f"{shown}:{port} is not allowed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +62,7 @@ class ChatService:
         self.recorder = Recorder(store=store, bus=bus, hooks=hooks, config=config)
         self.cutoff = Cutoff(config.server.shutdown_grace_seconds)
         self._turns = TurnServices(models, self.recorder, self.cutoff, config.chat)
-        self._callback_targets = {split_authority(entry) for entry in config.chat.callback_hosts}
+        self._config = config
 
     @asynccontextmanager
     async def start(self, request: ChatRequest, caller: Caller) -> AsyncIterator[ChatTurn]:
@@ -182,11 +154,13 @@ class ChatService:
         )
 
     def _check_callback(self, url: str) -> None:
-        """Only http(s) URLs on an allowed host and port, with no credentials: a chat must
-        not make chatbus call anything else (server-side request forgery)."""
-        problem = callback_problem(url, self._callback_targets)
-        if problem is not None:
-            raise CallbackNotAllowed(problem, self.config.callback_hosts)
+        """A URL the plugin that delivers callbacks accepts: it allows only what a chat may
+        make chatbus call (no server-side request forgery)."""
+        if not self._hooks.check_callback.get_hookimpls():
+            raise CallbackNotAllowed("no plugin here delivers callbacks")
+        problems = self._hooks.check_callback(url=url, config=self._config)
+        if any(problems):
+            raise CallbackNotAllowed(next(problem for problem in problems if problem))
 
     async def _history(self, request: ChatRequest, tenant: str) -> list[Message]:
         """The client's history list, then the stored turns it asks for (see turns_to_read)."""

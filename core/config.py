@@ -50,7 +50,8 @@ def split_authority(text: str) -> tuple[str, int | None]:
     return host.rstrip(".").lower(), port
 
 
-def _check_authorities(entries: list[str]) -> list[str]:
+def check_authorities(entries: list[str]) -> list[str]:
+    """Entries of a host allowlist (see split_authority), each naming a host."""
     for entry in entries:
         if not split_authority(entry)[0]:
             raise ValueError(f"'{entry}' names no host")
@@ -64,6 +65,21 @@ def _http_url(url: str) -> str:
 
 
 HttpUrlText = Annotated[str, AfterValidator(_http_url)]  # a URL chatbus calls: http(s) only
+
+
+# Keys of earlier versions that now belong to the webhook plugin's `[plugins.webhooks]`.
+MOVED = {
+    "webhooks": "[[plugins.webhooks.endpoints]]",
+    "webhook_delivery": "[plugins.webhooks.delivery]",
+    "callback_hosts": "[plugins.webhooks] callback_hosts",
+    "callback_secret_env": "[plugins.webhooks] callback_secret_env",
+}
+
+
+def _refuse_moved(data: Any, where: str, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if isinstance(data, dict) and key in data:
+            raise ValueError(f"{where}{key}: moved to {MOVED[key]}")
 
 
 class ConfigError(Exception):
@@ -112,7 +128,7 @@ class ServerConfig(Section):
     @field_validator("allowed_hosts")
     @classmethod
     def _hosts(cls, hosts: list[str]) -> list[str]:
-        return _check_authorities(hosts)
+        return check_authorities(hosts)
 
 
 class ChatConfig(Section):
@@ -125,17 +141,6 @@ class ChatConfig(Section):
     # A streaming turn's answer so far is stored this often (0: never), so that a crash
     # keeps what the client saw; a turn shorter than this costs nothing.
     checkpoint_seconds: float = Field(5.0, ge=0)
-    # Async chats: a request's `callback_url` must name one of these (no SSRF): `host`,
-    # `host:port`, `[v6]` or `[v6]:port`; a bare host allows only its scheme's default port
-    # (80 for http, 443 for https). The answer is delivered there signed with the secret(s)
-    # in `callback_secret_env`.
-    callback_hosts: list[str] = []
-    callback_secret_env: str = "CHATBUS_CALLBACK_SECRET"
-
-    @field_validator("callback_hosts")
-    @classmethod
-    def _hosts_and_ports(cls, hosts: list[str]) -> list[str]:
-        return _check_authorities(hosts)
 
 
 class HistoryConfig(BaseModel):
@@ -240,14 +245,18 @@ class Config(Section):
     prompts: dict[str, str] = DEFAULT_PROMPTS
     auth: AuthConfig = AuthConfig()
     events: EventsConfig = EventsConfig()
-    # Read by the webhook transport, which validates them: `[[webhooks]]` endpoints and the
-    # `[webhook_delivery]` schedule.
-    webhooks: list[dict[str, Any]] = []
-    webhook_delivery: dict[str, Any] = {}
     plugins: PluginsConfig = PluginsConfig()
     # Where relative paths in the configuration are resolved from, and what was read.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
     source: str = Field("built-in defaults", exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            _refuse_moved(data, "", ("webhooks", "webhook_delivery"))
+            _refuse_moved(data.get("chat"), "chat.", ("callback_hosts", "callback_secret_env"))
+        return data
 
     @model_validator(mode="after")
     def _check_references(self) -> Config:

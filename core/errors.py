@@ -61,10 +61,5 @@ class MessageNotFound(ChatError):
 class CallbackNotAllowed(ChatError):
     type = "callback_not_allowed"
 
-    def __init__(self, problem: str, allowed: Sequence[str]) -> None:
-        hosts = ", ".join(allowed) or "none: set [chat] callback_hosts"
-        super().__init__(
-            f"callback_url: {problem}; an http(s) URL on an allowed host and port is required"
-            f" (allowed: {hosts})",
-            "callback_url",
-        )
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"callback_url: {problem}", "callback_url")

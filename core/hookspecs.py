@@ -82,6 +82,14 @@ def prepare_messages(request: ChatRequest, messages: list[Message]) -> list[Mess
 
 
 @hookspec
+def check_callback(url: str, config: Config) -> str | None:
+    """Why an async chat's `callback_url` cannot be called back (a sentence naming the
+    problem), or None when it can. The plugin that delivers callbacks implements it, and
+    others may add rules of their own: a URL any of them refuses is refused, and so is
+    every URL when none implements it."""
+
+
+@hookspec
 def plan_deliveries(event: Event, config: Config) -> list[Delivery] | None:
     """Deliveries this event owes the outside world (webhooks). They are written to the
     store's outbox durably, with the turn's end for the end events, and delivered by the

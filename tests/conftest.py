@@ -86,6 +86,11 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def webhook_settings(**settings: Any) -> dict[str, Any]:
+    """Config for the webhook plugin's `[plugins.webhooks]` table, to merge into a test's."""
+    return {"plugins": {"webhooks": settings}}
+
+
 def make_config(tmp_path: Path, upstream: FakeUpstream | None = None, **extra: Any) -> Config:
     models: dict[str, Any] = {"echo": {"provider": "echo"}}
     if upstream is not None:

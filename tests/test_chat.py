@@ -20,7 +20,7 @@ from core.hookspecs import hookimpl
 from core.keys import SERVICE
 from core.providers import Usage
 from core.schemas import ChatRequest
-from tests.conftest import Chatbus, StartChatbus
+from tests.conftest import Chatbus, StartChatbus, webhook_settings
 from tests.waiting import wait_until
 
 
@@ -468,7 +468,7 @@ async def test_a_provider_s_empty_and_foreign_pieces_are_skipped(
 async def test_a_callback_on_an_allowed_host_and_port_is_accepted(
     start_chatbus: StartChatbus, hosts: list[str], url: str
 ) -> None:
-    chatbus = await start_chatbus(chat={"callback_hosts": hosts})
+    chatbus = await start_chatbus(**webhook_settings(callback_hosts=hosts))
     status, body = await chatbus.chat_json(query="x", callback_url=url)
     assert status == 202, body
 
@@ -494,7 +494,7 @@ async def test_a_callback_on_an_allowed_host_and_port_is_accepted(
 async def test_a_callback_off_the_allowlist_is_a_400_naming_why(
     start_chatbus: StartChatbus, hosts: list[str], url: str, problem: str
 ) -> None:
-    chatbus = await start_chatbus(chat={"callback_hosts": hosts})
+    chatbus = await start_chatbus(**webhook_settings(callback_hosts=hosts))
     status, body = await chatbus.chat_json(query="x", callback_url=url)
     assert status == 400
     error = body["error"]

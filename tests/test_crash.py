@@ -29,10 +29,11 @@ CONFIG = """\
 default_model = "slow"
 [chat]
 checkpoint_seconds = 0.2
-callback_hosts = ["127.0.0.1:{receiver_port}"]
 [history.sqlite]
 path = "crash.db"
-[webhook_delivery]
+[plugins.webhooks]
+callback_hosts = ["127.0.0.1:{receiver_port}"]
+[plugins.webhooks.delivery]
 poll_seconds = 0.05
 schedule = [0.1, 0.1, 0.1]
 [models.slow]

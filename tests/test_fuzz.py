@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from core.history import MessageRecord, Status
-from tests.conftest import Chatbus, StartChatbus
+from tests.conftest import Chatbus, StartChatbus, webhook_settings
 
 SEED = 12
 PER_ROUTE = 500
@@ -266,7 +266,7 @@ async def test_no_client_input_is_a_5xx_and_nothing_refused_is_stored(
 ) -> None:
     chatbus = await start_chatbus(
         server={"body_timeout_seconds": 0.2, "max_body_bytes": 64 * 1024},
-        chat={"callback_hosts": ["127.0.0.1:9", "[::1]:9"]},
+        **webhook_settings(callback_hosts=["127.0.0.1:9", "[::1]:9"]),
     )
     port = urlsplit(chatbus.url).port
     assert port is not None

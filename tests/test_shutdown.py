@@ -23,7 +23,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from chatbus.testing.fake_upstream import Behaviour, FakeUpstream
-from tests.conftest import StartChatbus
+from tests.conftest import StartChatbus, webhook_settings
 from tests.test_cli import ROOT, free_port, wait_until_listening
 from tests.test_webhooks import FAST, SECRET, Receiver, _pending_in, listening
 from tests.waiting import wait_until
@@ -44,7 +44,7 @@ def serve(
         f'default_model = "fake"\n[server]\nport = {port}\naccess_log = false\n'
         f"shutdown_grace_seconds = {grace}\n"
         f'[history.sqlite]\npath = "chat.db"\n'
-        f'[chat]\ncallback_hosts = ["{callback_host}"]\n'
+        f'[plugins.webhooks]\ncallback_hosts = ["{callback_host}"]\n'
         f'[models.fake]\nprovider = "openai_compat"\nbase_url = "{upstream.base_url}"\n'
         'model = "fake-model"\nread_timeout = 30\n'
     )
@@ -263,9 +263,9 @@ async def test_the_end_of_a_cut_async_chat_waits_in_the_outbox_when_not_delivere
     held = asyncio.Event()
     async with listening(Receiver(gate=held)) as receiver:
         chatbus = await start_chatbus(
-            chat={"callback_hosts": [urlsplit(receiver.url).netloc],
-                  "callback_secret_env": "HOOK_SECRET"},
-            webhook_delivery={**FAST, "timeout_seconds": 30},
+            **webhook_settings(callback_hosts=[urlsplit(receiver.url).netloc],
+                               callback_secret_env="HOOK_SECRET",
+                               delivery={**FAST, "timeout_seconds": 30}),
             server={"shutdown_grace_seconds": 0.2},
         )  # fmt: skip
         body = {"query": "q", "model_name": "fake", "callback_url": receiver.url}

@@ -24,19 +24,22 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from standardwebhooks import Webhook
 
-from core.app import create_app, make_store
-from core.config import Config, ConfigError
+from core.app import create_app, make_store, open_service
+from core.chat import Caller
+from core.config import Config, ConfigError, load_config
+from core.errors import CallbackNotAllowed
 from core.events import ChatCompleted, Event
 from core.history import HistoryStore
 from core.hookspecs import hookimpl
 from core.keys import CONFIG
 from core.outbox import Delivery, DeliveryStatus, Outbox
 from core.plugins import make_plugin_manager
+from core.schemas import ChatRequest
 from core.server import start
 from plugins.history_sqlite.store import SqliteStore
 from plugins.transports.webhook import options
 from plugins.transports.webhook.deliverer import Deliverer
-from tests.conftest import Chatbus, StartChatbus, make_config
+from tests.conftest import Chatbus, StartChatbus, make_config, webhook_settings
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.both_stores  # every test that starts a chatbus: SQLite and MongoDB
@@ -115,10 +118,8 @@ def secret(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def webhooks(receiver: Receiver, **endpoint: Any) -> dict[str, Any]:
-    return {
-        "webhooks": [{"url": receiver.url, "secret_env": "HOOK_SECRET", **endpoint}],
-        "webhook_delivery": FAST,
-    }
+    endpoints = [{"url": receiver.url, "secret_env": "HOOK_SECRET", **endpoint}]
+    return webhook_settings(endpoints=endpoints, delivery=FAST)
 
 
 async def outbox(chatbus: Chatbus, status: DeliveryStatus | None = None) -> list[Any]:
@@ -224,7 +225,10 @@ async def test_a_receiver_down_across_a_restart_gets_it_once_after(
 ) -> None:
     receiver.answers = [503] * 3  # down for the whole life of the first instance
     config = webhooks(receiver, events=["chat_completed"])
-    config["webhook_delivery"] = {**FAST, "schedule": [0.05, 0.05, 1.0]}  # due after the restart
+    config["plugins"]["webhooks"]["delivery"] = {
+        **FAST,
+        "schedule": [0.05, 0.05, 1.0],
+    }  # due after the restart
     first = await start_chatbus(**config)
     await first.chat(query="survive")
     await receiver.wait_for(3)
@@ -282,10 +286,12 @@ async def test_a_missing_secret_is_retried_not_sent_unsigned(
 def test_plan_deliveries_for_subscribed_endpoints_only(tmp_path: Any) -> None:
     config = make_config(
         tmp_path,
-        webhooks=[
-            {"url": "http://127.0.0.1:1/a", "secret_env": "HOOK_SECRET"},
-            {"url": "http://127.0.0.1:1/b", "secret_env": "B", "events": ["chat_started"]},
-        ],
+        **webhook_settings(
+            endpoints=[
+                {"url": "http://127.0.0.1:1/a", "secret_env": "HOOK_SECRET"},
+                {"url": "http://127.0.0.1:1/b", "secret_env": "B", "events": ["chat_started"]},
+            ]
+        ),
     )
     pm = make_plugin_manager(entry_points=False)
     event = ChatCompleted(message_id="m1", conversation_id="c", tenant="t", request_id="r",
@@ -327,7 +333,7 @@ async def test_a_plugins_planned_delivery_is_written_and_delivered(
     start_chatbus: StartChatbus, receiver: Receiver
 ) -> None:
     planner = AuditPlanner(receiver.url)
-    chatbus = await start_chatbus(planner, webhook_delivery=FAST)  # no [webhooks]: its own only
+    chatbus = await start_chatbus(planner, **webhook_settings(delivery=FAST))  # its own only
     stream = await chatbus.chat(query="audit me")
     (message_id,) = stream.message_ids
     await receiver.wait_for(1)
@@ -367,9 +373,12 @@ async def test_a_broken_planner_changes_nothing_for_the_client(
 
 
 def test_bad_webhook_config_is_one_line(tmp_path: Any) -> None:
-    config = make_config(tmp_path, webhooks=[{"url": "ftp://x", "secret_env": "S"}])
+    config = make_config(
+        tmp_path, **webhook_settings(endpoints=[{"url": "ftp://x", "secret_env": "S"}])
+    )
     with pytest.raises(
-        ConfigError, match=r"^webhooks\.0\.url: must start with http:// or https://$"
+        ConfigError,
+        match=r"^plugins\.webhooks\.endpoints\.0\.url: must start with http:// or https://$",
     ):
         create_app(config)
 
@@ -385,8 +394,8 @@ def test_bad_webhook_config_is_one_line(tmp_path: Any) -> None:
 def test_a_delay_the_loop_cannot_sleep_on_is_a_config_error(
     tmp_path: Any, delivery: dict[str, Any], problem: str
 ) -> None:
-    config = make_config(tmp_path, webhook_delivery=delivery)
-    with pytest.raises(ConfigError, match=rf"^webhook_delivery\.{re.escape(problem)}$"):
+    config = make_config(tmp_path, **webhook_settings(delivery=delivery))
+    with pytest.raises(ConfigError, match=rf"^plugins\.webhooks\.delivery\.{re.escape(problem)}$"):
         create_app(config)
 
 
@@ -395,10 +404,8 @@ def test_a_delay_the_loop_cannot_sleep_on_is_a_config_error(
 
 def async_mode(receiver: Receiver, **chat: Any) -> dict[str, Any]:
     allowed = [urlsplit(receiver.url).netloc]  # 127.0.0.1:<port>: a bare host means port 80
-    return {
-        "chat": {"callback_hosts": allowed, "callback_secret_env": "HOOK_SECRET", **chat},
-        "webhook_delivery": FAST,
-    }
+    settings = {"callback_hosts": allowed, "callback_secret_env": "HOOK_SECRET", **chat}
+    return webhook_settings(**settings, delivery=FAST)
 
 
 async def test_async_chat_answers_202_and_delivers_the_answer(
@@ -465,7 +472,7 @@ async def test_callbacks_are_off_until_hosts_are_allowed(
     chatbus = await start_chatbus()
     status, body = await chatbus.chat_json(query="x", callback_url=receiver.url)
     assert status == 400
-    assert "set [chat] callback_hosts" in body["error"]["message"]
+    assert "set [plugins.webhooks] callback_hosts" in body["error"]["message"]
 
 
 async def test_redirects_are_never_followed(
@@ -550,7 +557,7 @@ async def test_a_receivers_retry_after_is_capped(
 ) -> None:
     receiver.answers, receiver.retry_after = [503, 429], "1" + "0" * 400
     config = webhooks(receiver)
-    config["webhook_delivery"] = {**FAST, "max_retry_after_seconds": 0.05}
+    config["plugins"]["webhooks"]["delivery"] = {**FAST, "max_retry_after_seconds": 0.05}
     chatbus = await start_chatbus(**config)
     await chatbus.chat(query="capped")
     assert (await settled(chatbus, DeliveryStatus.DELIVERED)).attempts == 3
@@ -579,7 +586,7 @@ async def test_a_secret_that_cannot_sign_fails_its_delivery_not_the_loop(
         {"url": receiver.url, "secret_env": "BROKEN_SECRET"},
         {"url": receiver.url, "secret_env": "HOOK_SECRET"},
     ]
-    chatbus = await start_chatbus(webhooks=endpoints, webhook_delivery=FAST)
+    chatbus = await start_chatbus(**webhook_settings(endpoints=endpoints, delivery=FAST))
     await chatbus.chat(query="first")
     dead = await settled(chatbus, DeliveryStatus.DEAD)
     assert dead.attempts == 4 and dead.last_error.startswith("EmptyWebhookSecretError: ")
@@ -635,7 +642,7 @@ async def test_a_slow_destination_does_not_hold_up_the_others(
 ) -> None:
     async with listening(Receiver(gate=asyncio.Event())) as slow:
         settings = {**FAST, "timeout_seconds": 30, "per_destination": 4}
-        chatbus = await start_chatbus(webhook_delivery=settings)
+        chatbus = await start_chatbus(**webhook_settings(delivery=settings))
         now = time.time()
         backlog = [delivery_to(slow.url, now - 1) for _ in range(40)]  # due before the fast one
         await chatbus.store.outbox.add_deliveries([*backlog, delivery_to(receiver.url, now)])
@@ -655,7 +662,7 @@ async def test_no_more_in_flight_than_the_concurrency(start_chatbus: StartChatbu
         listening(Receiver(gate=asyncio.Event())) as two,
     ):
         settings = {**FAST, "timeout_seconds": 30, "concurrency": 5, "per_destination": 4}
-        chatbus = await start_chatbus(webhook_delivery=settings)
+        chatbus = await start_chatbus(**webhook_settings(delivery=settings))
         now = time.time()
         await chatbus.store.outbox.add_deliveries(
             [delivery_to(hook.url, now) for hook in (one, two) for _ in range(6)]
@@ -680,7 +687,7 @@ async def test_no_more_in_flight_than_the_concurrency(start_chatbus: StartChatbu
 async def test_stop_leaves_attempts_in_flight_to_their_lease(start_chatbus: StartChatbus) -> None:
     async with listening(Receiver(gate=asyncio.Event())) as held:
         settings = {**FAST, "timeout_seconds": 30, "lease_seconds": 0.5}
-        first = await start_chatbus(webhook_delivery=settings)
+        first = await start_chatbus(**webhook_settings(delivery=settings))
         sent = delivery_to(held.url, time.time())
         await first.store.outbox.add_deliveries([sent])
         await held.wait_for(1)
@@ -690,5 +697,78 @@ async def test_stop_leaves_attempts_in_flight_to_their_lease(start_chatbus: Star
         assert (left.delivery_id, left.attempts) == (sent.delivery_id, 0)
         assert held.gate is not None
         held.gate.set()
-        second = await start_chatbus(webhook_delivery=settings)
+        second = await start_chatbus(**webhook_settings(delivery=settings))
         await wait_until(delivered(second.store, 1), "delivered by the next instance", timeout=10)
+
+
+# The plugin's settings: [plugins.webhooks]
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ("hooks.example:http", "is not a host or host:port"),
+        ("[::1]:70000", "the port must be 1 to 65535"),
+        (":8080", "names no host"),
+    ],
+)
+def test_a_bad_callback_host_is_a_config_error(tmp_path: Any, entry: str, problem: str) -> None:
+    config = make_config(tmp_path, **webhook_settings(callback_hosts=["ok.example", entry]))
+    with pytest.raises(ConfigError, match=r"^plugins\.webhooks\.callback_hosts: ") as info:
+        create_app(config)
+    assert problem in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("table", "where"),
+    [
+        ('[[webhooks]]\nurl = "http://h/"\nsecret_env = "S"\n',
+         "webhooks: moved to [[plugins.webhooks.endpoints]]"),
+        ("[webhook_delivery]\npoll_seconds = 1\n",
+         "webhook_delivery: moved to [plugins.webhooks.delivery]"),
+        ('[chat]\ncallback_hosts = ["h"]\n',
+         "chat.callback_hosts: moved to [plugins.webhooks] callback_hosts"),
+    ],
+)  # fmt: skip
+def test_the_keys_of_earlier_versions_say_where_they_moved(
+    tmp_path: Path, table: str, where: str
+) -> None:
+    file = tmp_path / "old.toml"
+    file.write_text(table)
+    with pytest.raises(ConfigError) as info:
+        load_config(file, {})
+    assert str(info.value) == f"{file}: {where}"
+
+
+async def test_without_the_webhook_plugin_no_callback_is_accepted(tmp_path: Any) -> None:
+    pm = make_plugin_manager(entry_points=False)
+    pm.unregister(name="plugins.transports.webhook")
+    config = make_config(tmp_path)
+    async with open_service(config, pm) as service:
+        request = ChatRequest(query="x", callback_url="http://127.0.0.1:9/")
+        with pytest.raises(CallbackNotAllowed, match="no plugin here delivers callbacks"):
+            async with service.start(request, Caller(request_id="r")):
+                pass
+
+
+class NoAdmin:
+    """A plugin with a rule of its own for callbacks, on top of callback_hosts."""
+
+    @hookimpl
+    def check_callback(self, url: str, config: Config) -> str | None:
+        return "no callbacks to /admin" if urlsplit(url).path.startswith("/admin") else None
+
+
+async def test_a_plugin_adds_its_own_rule_for_callbacks(
+    start_chatbus: StartChatbus, receiver: Receiver
+) -> None:
+    chatbus = await start_chatbus(NoAdmin(), **async_mode(receiver))
+    status, body = await chatbus.chat_json(
+        query="x", callback_url=receiver.url.replace("/hook", "/admin")
+    )
+    assert status == 400
+    assert body["error"]["message"] == "callback_url: no callbacks to /admin"
+    status, body = await chatbus.chat_json(query="call me", callback_url=receiver.url)
+    assert status == 202
+    await receiver.wait_for(1)
+    assert orjson.loads(receiver.requests[0][1])["data"]["text"] == "call me"

@@ -1,6 +1,6 @@
 """Signed webhooks (Standard Webhooks 1.0) for lifecycle events, through a durable outbox.
 
-`plan_deliveries` turns each event a `[[webhooks]]` endpoint subscribes to into a delivery
+`plan_deliveries` turns each event an endpoint of `[plugins.webhooks]` subscribes to into a delivery
 the chat service writes to the store's outbox; the deliverer, started with the server,
 claims due deliveries with a lease and POSTs them, retrying on its schedule.
 """
@@ -23,6 +23,7 @@ from core.hookspecs import hookimpl
 from core.keys import CONFIG, METRICS, SERVICE
 from core.outbox import Delivery
 from plugins.transports.webhook import options
+from plugins.transports.webhook.callbacks import callback_problem
 from plugins.transports.webhook.deliverer import Deliverer
 
 END_EVENTS = ("chat_completed", "chat_failed", "chat_cancelled")
@@ -30,12 +31,13 @@ END_EVENTS = ("chat_completed", "chat_failed", "chat_cancelled")
 
 @hookimpl
 def plan_deliveries(event: Event, config: Config) -> list[Delivery] | None:
-    """One delivery per subscribed `[[webhooks]]` endpoint, and, for an async chat's end,
-    one to its callback URL (checked against `[chat] callback_hosts` when it was asked)."""
-    targets = [(e.url, e.secret_env) for e in _endpoints(config) if event.hook in e.events]
+    """One delivery per subscribed endpoint, and, for an async chat's end, one to its
+    callback URL (checked by `check_callback` when it was asked)."""
+    settings = options.settings(config)
+    targets = [(e.url, e.secret_env) for e in settings.endpoints if event.hook in e.events]
     callback = getattr(event, "callback_url", None)
     if callback and event.hook in END_EVENTS:
-        targets.append((callback, config.chat.callback_secret_env))
+        targets.append((callback, settings.callback_secret_env))
     if not targets:
         return None
     kind = options.event_type(event.hook)
@@ -58,19 +60,18 @@ def plan_deliveries(event: Event, config: Config) -> list[Delivery] | None:
     ]
 
 
-def _endpoints(config: Config) -> list[options.Endpoint]:
-    return options.endpoints(config) if config.webhooks else []
+@hookimpl
+def check_callback(url: str, config: Config) -> str | None:
+    return callback_problem(url, options.settings(config).callback_hosts)
 
 
 @hookimpl
 def register_lifespans(app: web.Application, register: Any) -> None:
-    config = app[CONFIG]
-    options.endpoints(config)  # a bad [[webhooks]] table stops start-up, in one line
-    settings = options.delivery(config)
+    settings = options.settings(app[CONFIG])  # a bad table stops start-up, in one line
 
     async def deliver_in_background(app: web.Application) -> AsyncIterator[None]:
         service = app[SERVICE]
-        deliverer = Deliverer(service.store.outbox, settings, app[METRICS])
+        deliverer = Deliverer(service.store.outbox, settings.delivery, app[METRICS])
         await deliverer.start()
         yield
         # Stopping last: the turns' ends, and the deliveries they owe, are written first, so

@@ -1,14 +1,15 @@
-"""The webhook transport's configuration: `[[webhooks]]` endpoints and `[webhook_delivery]`."""
+"""The webhook transport's settings, its `[plugins.webhooks]` table: the endpoints
+(`[[plugins.webhooks.endpoints]]`), the delivery schedule (`[plugins.webhooks.delivery]`)
+and the hosts an async chat may be called back on."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.config import Config, ConfigError, HttpUrlText
+from core.config import Config, HttpUrlText, check_authorities, plugin_settings
 from core.events import LIFECYCLE_EVENTS
-from core.validation import first_problem
 
 HOOKS = tuple(event.hook for event in LIFECYCLE_EVENTS)
 
@@ -49,18 +50,35 @@ class Delivery(BaseModel):
     )
 
 
-def endpoints(config: Config) -> list[Endpoint]:
-    try:
-        return TypeAdapter(list[Endpoint]).validate_python(config.webhooks)
-    except ValidationError as exc:
-        raise ConfigError(first_problem(exc, "webhooks")) from None
+class WebhookSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    endpoints: list[Endpoint] = []
+    delivery: Delivery = Delivery()
+    # Async chats: a request's `callback_url` must name one of these (no SSRF): `host`,
+    # `host:port`, `[v6]` or `[v6]:port`; a bare host allows only its scheme's default port
+    # (80 for http, 443 for https). The answer is delivered there signed with the secret(s)
+    # in `callback_secret_env`.
+    callback_hosts: list[str] = []
+    callback_secret_env: str = "CHATBUS_CALLBACK_SECRET"
+
+    @field_validator("callback_hosts")
+    @classmethod
+    def _hosts_and_ports(cls, hosts: list[str]) -> list[str]:
+        return check_authorities(hosts)
 
 
-def delivery(config: Config) -> Delivery:
-    try:
-        return Delivery.model_validate(config.webhook_delivery)
-    except ValidationError as exc:
-        raise ConfigError(first_problem(exc, "webhook_delivery")) from None
+NAME = "webhooks"  # the plugin's table: [plugins.webhooks]
+_validated: dict[int, tuple[Config, WebhookSettings]] = {}
+
+
+def settings(config: Config) -> WebhookSettings:
+    """The `[plugins.webhooks]` table, validated once per configuration (every event asks)."""
+    known = _validated.get(id(config))
+    if known is None or known[0] is not config:
+        known = (config, plugin_settings(config, NAME, WebhookSettings))
+        _validated[id(config)] = known
+    return known[1]
 
 
 def event_type(hook: str) -> str:
