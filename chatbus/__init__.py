@@ -61,8 +61,10 @@ from core.providers import (
     UpstreamTimeout,
     UpstreamUnavailable,
     Usage,
+    key_from_env,
     redacted,
     refuse_keys_in_file,
+    warn_if_key_unset,
 )
 from core.retry_after import retry_after_seconds
 from core.routes import caller_of
@@ -139,9 +141,11 @@ __all__ = [
     "first_problem",
     "hookimpl",
     "json_response",
+    "key_from_env",
     "plugin_settings",
     "read_body",
     "redacted",
     "refuse_keys_in_file",
     "retry_after_seconds",
+    "warn_if_key_unset",
 ]

@@ -30,6 +30,7 @@ from core import auth, guards, routes
 from core.bus import EventBus
 from core.chat import ChatService
 from core.config import Config, ConfigError
+from core.cors import Cors
 from core.history import HistoryStore
 from core.interrupted import end_interrupted
 from core.keys import CONFIG, METRICS, PLUGINS, SERVICE
@@ -54,6 +55,10 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
         client_max_size=config.server.max_body_bytes,
     )
     app.on_response_prepare.append(add_request_id)
+    if config.server.cors_origins:
+        cors = Cors(config)
+        app.middlewares.insert(2, cors.preflight)  # after the Host guard, before the key check
+        app.on_response_prepare.append(cors.add_headers)
     app[CONFIG] = config
     app[METRICS] = CollectorRegistry()
     app[PLUGINS] = pm

@@ -36,6 +36,9 @@ INTERNAL_KEYS = ("base_dir", "source")  # set by load_config, not by users
 _AUTHORITY = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<name>[^:\[\]]*))(?::(?P<port>[0-9]*))?")
 
 
+_ORIGIN = re.compile(r"https?://[^/?#\s]+")
+
+
 def split_authority(text: str) -> tuple[str, int | None]:
     """`host`, `host:port`, `[v6]` or `[v6]:port` (a Host header, an allowlist entry) as
     (host lower-cased, without brackets or a trailing dot; port or None). ValueError when
@@ -124,11 +127,22 @@ class ServerConfig(Section):
     # Without [auth] keys only loopback Host headers are served (against DNS rebinding):
     # the other names this chatbus answers to, on any port, e.g. ["chat.internal"]; "*": any.
     allowed_hosts: list[str] = []
+    # Browser pages on these origins may call chatbus (CORS), e.g. ["https://app.example"];
+    # "*": any origin, without credentials. None by default.
+    cors_origins: list[str] = []
 
     @field_validator("allowed_hosts")
     @classmethod
     def _hosts(cls, hosts: list[str]) -> list[str]:
         return check_authorities(hosts)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin.rstrip("/")):
+                raise ValueError(f"'{origin}' is not an origin (scheme://host[:port]) or *")
+        return origins
 
 
 class ChatConfig(Section):

@@ -160,20 +160,19 @@ class ShuttingDown(ProviderError):
 
 def key_from_env(variable: str | None) -> str | None:
     """The key held by the environment variable a model's `api_key_env` names (read at each
-    call, so a rotated key is used at once); None when the model names none. A variable
-    named but unset fails the call: that model was configured to need a key."""
+    call, so a rotated key is used at once). None when the model names none, or the
+    variable is unset or empty: the call then goes without a key (a local server needs
+    none), and start-up has said so (`warn_if_key_unset`)."""
     if not variable:
         return None
-    key = os.environ.get(variable)
-    if not key:
-        raise AuthenticationFailed(f"the environment variable {variable} is not set")
-    return key
+    return os.environ.get(variable) or None
 
 
 def warn_if_key_unset(model: str, variable: str | None) -> None:
     """At start-up: say so once when a model's key variable is not set."""
     if variable and not os.environ.get(variable):
-        log.warning("api key variable not set", model=model, variable=variable)
+        log.warning("api key variable not set: the model is called without a key",
+                    model=model, variable=variable)  # fmt: skip
 
 
 def refuse_keys_in_file(options: object) -> None:

@@ -86,6 +86,12 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+@pytest.fixture
+def callback_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Callbacks are allowed only with their signing secret set (the default variable)."""
+    monkeypatch.setenv("CHATBUS_CALLBACK_SECRET", "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0")
+
+
 def webhook_settings(**settings: Any) -> dict[str, Any]:
     """Config for the webhook plugin's `[plugins.webhooks]` table, to merge into a test's."""
     return {"plugins": {"webhooks": settings}}

@@ -466,7 +466,7 @@ async def test_a_provider_s_empty_and_foreign_pieces_are_skipped(
     ],
 )
 async def test_a_callback_on_an_allowed_host_and_port_is_accepted(
-    start_chatbus: StartChatbus, hosts: list[str], url: str
+    start_chatbus: StartChatbus, callback_secret: None, hosts: list[str], url: str
 ) -> None:
     chatbus = await start_chatbus(**webhook_settings(callback_hosts=hosts))
     status, body = await chatbus.chat_json(query="x", callback_url=url)
@@ -492,7 +492,7 @@ async def test_a_callback_on_an_allowed_host_and_port_is_accepted(
     ],
 )
 async def test_a_callback_off_the_allowlist_is_a_400_naming_why(
-    start_chatbus: StartChatbus, hosts: list[str], url: str, problem: str
+    start_chatbus: StartChatbus, callback_secret: None, hosts: list[str], url: str, problem: str
 ) -> None:
     chatbus = await start_chatbus(**webhook_settings(callback_hosts=hosts))
     status, body = await chatbus.chat_json(query="x", callback_url=url)

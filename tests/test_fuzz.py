@@ -263,6 +263,7 @@ def rows(chatbus: Chatbus) -> int:
 
 async def test_no_client_input_is_a_5xx_and_nothing_refused_is_stored(
     start_chatbus: StartChatbus,
+    callback_secret: None,
 ) -> None:
     chatbus = await start_chatbus(
         server={"body_timeout_seconds": 0.2, "max_body_bytes": 64 * 1024},

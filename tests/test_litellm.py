@@ -278,17 +278,17 @@ async def test_without_api_key_env_litellm_reads_its_own_variable(
 
 
 @pytest.mark.parametrize("value", [None, ""])
-async def test_unset_key_variable_fails_before_any_request(
+async def test_an_unset_key_variable_leaves_the_key_to_litellm(
     upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, value: str | None
 ) -> None:
+    # api_key_env is optional: unset, litellm's own conventions apply (here OPENAI_API_KEY).
     if value is None:
         monkeypatch.delenv(KEY_VAR, raising=False)
     else:
         monkeypatch.setenv(KEY_VAR, value)
-    exc, _ = await failure(provider_for(upstream))  # building it only warns
-    assert type(exc) is AuthenticationFailed
-    assert KEY_VAR in str(exc)
-    assert upstream.received == []
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-litellm-convention")
+    await collect(provider_for(upstream))
+    assert upstream.received[0].headers["Authorization"] == "Bearer sk-litellm-convention"
 
 
 async def test_open_is_optional_and_cheap_once_imported(upstream: FakeUpstream, key: str) -> None:

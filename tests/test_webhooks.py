@@ -270,11 +270,11 @@ async def test_two_instances_on_one_store_deliver_each_once(
     assert len(await outbox(one, DeliveryStatus.DELIVERED)) == 10
 
 
-async def test_a_missing_secret_is_retried_not_sent_unsigned(
+async def test_a_secret_gone_after_start_up_is_retried_not_sent_unsigned(
     start_chatbus: StartChatbus, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("HOOK_SECRET")
     chatbus = await start_chatbus(**webhooks(receiver))
+    monkeypatch.delenv("HOOK_SECRET")
     await chatbus.chat(query="unsigned")
     dead = await settled(chatbus, DeliveryStatus.DEAD)
     assert dead.last_error == "the environment variable HOOK_SECRET is not set"
@@ -702,6 +702,31 @@ async def test_stop_leaves_attempts_in_flight_to_their_lease(start_chatbus: Star
 
 
 # The plugin's settings: [plugins.webhooks]
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"endpoints": [{"url": "http://127.0.0.1:9/", "secret_env": "UNSET_SECRET"}]},
+         "plugins.webhooks.endpoints.0.secret_env: the environment variable UNSET_SECRET"
+         " is not set"),
+        ({"callback_hosts": ["127.0.0.1:9"], "callback_secret_env": "UNSET_SECRET"},
+         "plugins.webhooks.callback_secret_env: the environment variable UNSET_SECRET"
+         " is not set"),
+    ],
+)  # fmt: skip
+def test_a_secret_the_settings_need_is_required_at_start_up(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, settings: dict[str, Any], problem: str
+) -> None:
+    monkeypatch.setenv("UNSET_SECRET", " ")  # blank counts as unset
+    config = make_config(tmp_path, **webhook_settings(**settings))
+    with pytest.raises(ConfigError) as info:
+        create_app(config)
+    assert str(info.value) == problem
+
+
+def test_no_callback_secret_is_needed_while_no_host_may_be_called_back(tmp_path: Any) -> None:
+    create_app(make_config(tmp_path, **webhook_settings(callback_secret_env="UNSET_SECRET")))
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from core.config import Config
+from core.config import Config, ConfigError
 from core.events import Event
 from core.hookspecs import hookimpl
 from core.keys import CONFIG, METRICS, SERVICE
@@ -68,6 +68,9 @@ def check_callback(url: str, config: Config) -> str | None:
 @hookimpl
 def register_lifespans(app: web.Application, register: Any) -> None:
     settings = options.settings(app[CONFIG])  # a bad table stops start-up, in one line
+    unset = options.unset_secrets(settings)
+    if unset:  # else every delivery would fail, attempt after attempt, until it is dead
+        raise ConfigError(unset[0])
 
     async def deliver_in_background(app: web.Application) -> AsyncIterator[None]:
         service = app[SERVICE]

@@ -4,6 +4,7 @@ and the hosts an async chat may be called back on."""
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -79,6 +80,19 @@ def settings(config: Config) -> WebhookSettings:
         known = (config, plugin_settings(config, NAME, WebhookSettings))
         _validated[id(config)] = known
     return known[1]
+
+
+def unset_secrets(settings: WebhookSettings) -> list[str]:
+    """The secrets the settings need that the environment lacks, as `key: problem` lines:
+    each endpoint's, and the callbacks' while any host may be called back."""
+    needed = [(f"endpoints.{n}.secret_env", e.secret_env) for n, e in enumerate(settings.endpoints)]
+    if settings.callback_hosts:
+        needed.append(("callback_secret_env", settings.callback_secret_env))
+    return [
+        f"plugins.{NAME}.{key}: the environment variable {variable} is not set"
+        for key, variable in needed
+        if not os.environ.get(variable, "").strip()
+    ]
 
 
 def event_type(hook: str) -> str:
