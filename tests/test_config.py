@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from core.app import open_service
+from core.auth import check_exposure
+from core.chat import Caller
 from core.config import ConfigError, load_config
+from core.schemas import ChatRequest
 from plugins.providers.echo import EchoOptions
 
 REPO = Path(__file__).parents[1]
@@ -148,6 +152,22 @@ def test_chatbus_config_variable_picks_the_file(
     # An explicit path wins over the variable.
     explicit = write(tmp_path / "explicit.toml", "[server]\nport = 3333\n")
     assert load_config(explicit, {"CHATBUS_CONFIG": str(other)}).server.port == 3333
+
+
+async def test_the_container_config_serves_on_mongodb(
+    monkeypatch: pytest.MonkeyPatch, mongodb_server_uri: str
+) -> None:
+    """deploy/config.toml, which the Dockerfile copies (no container runs here): with the
+    environment compose.yaml gives it, chatbus opens its MongoDB and answers with a key."""
+    monkeypatch.setenv("CHATBUS_MONGODB_URI", mongodb_server_uri)
+    monkeypatch.setenv("CHATBUS_API_KEY", "cb-container-0123456789")
+    config = load_config(REPO / "deploy" / "config.toml", {})
+    assert (config.server.host, config.history.backend) == ("0.0.0.0", "mongo")
+    check_exposure(config.server.host, config.auth)  # keys: it may listen beyond loopback
+    request = ChatRequest(query="in a box")
+    async with open_service(config) as service, service.start(request, Caller("r")) as turn:
+        result = await turn.run()
+    assert result.text == "in a box"
 
 
 def test_the_repository_config_loads() -> None:
