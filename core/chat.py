@@ -107,6 +107,7 @@ class ChatService:
         self._no_answers.set()
         self._cutting = False  # the grace is over: an answer is cut as soon as it starts
         self._done_by: float | None = None  # the loop time by which a shutdown is done
+        self._grace: asyncio.Timeout | None = None  # a shutdown's wait for the answers
         self._callback_targets = {split_authority(entry) for entry in config.chat.callback_hosts}
 
     @asynccontextmanager
@@ -289,15 +290,36 @@ class ChatService:
             if not self._answers:
                 self._no_answers.set()
 
+    @property
+    def answers_in_flight(self) -> int:
+        return len(self._answers)
+
     async def stop_answering(self, grace: float) -> None:
         """Shutdown, once nothing new is accepted: let the answers under way finish for up
-        to `grace` seconds, then cut the rest short (their transports say so, their turns are
-        stored `cancelled`). What is left of the shutdown is `time_left()`."""
+        to `grace` seconds (or until `end_grace`), then cut the rest short (their transports
+        say so, their turns are stored `cancelled`). What is left of the shutdown is
+        `time_left()`."""
         loop = asyncio.get_running_loop()
+        if self._cutting:  # the grace was ended before it began
+            grace = 0
         self._done_by = loop.time() + grace + CLOSE_SECONDS
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace):
+            async with asyncio.timeout(grace) as self._grace:
                 await self._no_answers.wait()
+        self._cut_answers()
+
+    def end_grace(self) -> None:
+        """Cut the shutdown's grace short (a second Ctrl-C): the answers under way are cut
+        now, and what follows has CLOSE_SECONDS."""
+        loop = asyncio.get_running_loop()
+        self._cutting = True
+        if self._grace is not None and not self._grace.expired():
+            self._grace.reschedule(loop.time())
+        if self._done_by is not None:
+            self._done_by = min(self._done_by, loop.time() + CLOSE_SECONDS)
+
+    def _cut_answers(self) -> None:
+        loop = asyncio.get_running_loop()
         self._cutting = True
         if self._answers:
             log.warning("the grace ran out: cutting answers short", count=len(self._answers))

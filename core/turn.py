@@ -38,12 +38,21 @@ class ClientDisconnected(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Failure:
+    """An attempt that failed before the client had text: a retry or a fallback followed."""
+
+    model: str
+    error: ProviderError
+
+
+@dataclass(frozen=True, slots=True)
 class TurnResult:
     message_id: str
     text: str
     status: Status
     error: ProviderError | None
     model: str  # the model that answered
+    failures: tuple[Failure, ...] = ()  # the attempts before it, in order
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,11 +159,13 @@ class ChatTurn:
                     if answer.parts:
                         raise
                     error = exc
+                    answer.failures.append(Failure(route.name, exc))
                     log.warning(
                         "model failed",
                         model=route.name,
                         attempt=attempt + 1,
                         error=exc.type,
+                        message=str(exc),  # providers redact their keys from it
                         message_id=self.message_id,
                     )
                     if not exc.retryable:
@@ -232,7 +243,8 @@ class ChatTurn:
         event = self._end_event(answer, status, error, text, latency, first_token)
         await self._service.save_outcome(self.message_id, outcome, self._service.plan(event))
         self._service.bus.publish(event)
-        return TurnResult(self.message_id, text, status, error, answer.model)
+        failures = tuple(answer.failures)
+        return TurnResult(self.message_id, text, status, error, answer.model, failures)
 
     def _end_event(
         self,
@@ -285,6 +297,7 @@ class _Answer:
     parts: list[str] = field(default_factory=list)
     usage: Usage | None = None
     first: float | None = None
+    failures: list[Failure] = field(default_factory=list)
 
 
 class _Checkpoints:
