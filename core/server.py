@@ -54,6 +54,7 @@ async def serve(config: Config) -> None:
     grace at once. An OSError while starting to listen (a port in use) propagates."""
     check_exposure(config.server.host, config.auth)
     pm = plugin_manager(config)
+    loaded = extra_plugins(pm)  # before the app: built-ins register objects of their own there
     app = create_app(config, pm)
     server = config.server
     stop = asyncio.Event()
@@ -63,7 +64,7 @@ async def serve(config: Config) -> None:
     runner = await start(app, server.host, server.port)
     host, port = runner.addresses[0][:2]
     _settle_memory()
-    log.info("plugins", builtin=len(BUILTIN_PLUGINS), loaded=extra_plugins(pm))
+    log.info("plugins", builtin=len(BUILTIN_PLUGINS), loaded=loaded)
     log.info(
         "ready",
         url=f"http://{host}:{port}",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -381,7 +382,10 @@ def test_serve_logs_the_plugins_it_loaded(tmp_path: Path) -> None:
     lines = {line["event"]: line for line in map(json.loads, stderr.splitlines())}
     assert lines["plugins"]["builtin"] == len(BUILTIN_PLUGINS)
     beside = str(tmp_path / "chatbus_beside_plugin.py")
-    assert f"chatbus_beside_plugin ({beside})" in lines["plugins"]["loaded"]
+    entry_points = {entry.name for entry in metadata.entry_points(group="chatbus")}
+    loaded = lines["plugins"]["loaded"]
+    assert f"chatbus_beside_plugin ({beside})" in loaded
+    assert {item.split(" (")[0] for item in loaded} == {"chatbus_beside_plugin", *entry_points}
     assert lines["ready"]["config"] == str(config)
 
 
