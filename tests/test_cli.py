@@ -101,6 +101,7 @@ def test_serve_then_the_readme_curl_streams_an_answer(tmp_path: Path) -> None:
     try:
         wait_until_listening(port, process)
         command = readme_curl().replace("7861", str(port))
+        assert '"history_len"' in command  # the first example remembers (#16.4)
         result = subprocess.run(
             ["bash", "-c", command], capture_output=True, text=True, timeout=30, check=True
         )
@@ -337,3 +338,31 @@ def test_serve_with_no_config_file_says_so_when_ready(tmp_path: Path) -> None:
     ready = next(line for line in map(json.loads, stderr.splitlines()) if line["event"] == "ready")
     assert ready["config"] == f"built-in defaults (no config.toml in {tmp_path})"
     assert ready["url"] == f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_serve_installs_what_serving_needs_and_make_test_the_rest(tmp_path: Path) -> None:
+    """#16.8, from a fresh clone (a dry run: what make would do, nothing installed)."""
+    (tmp_path / "pyproject.toml").touch()
+    (tmp_path / "examples/chatbus-provider-example").mkdir(parents=True)
+    (tmp_path / "examples/chatbus-provider-example/pyproject.toml").touch()
+
+    def planned(target: str) -> list[str]:
+        done = subprocess.run(
+            ["make", "-n", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path), target],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        lines = done.stdout.splitlines()
+        return [line for line in lines if "pip install" in line or "echo" in line]
+
+    serve = planned("serve")
+    assert [line for line in serve if "pip install" in line] == [
+        ".venv/bin/python -m pip install --quiet -e ."
+    ]
+    assert any("creating .venv" in line for line in serve)
+    assert any("about a minute" in line for line in serve)
+    test = [line for line in planned("test") if "pip install" in line]
+    assert test == [
+        ".venv/bin/python -m pip install --quiet -e .",
+        ".venv/bin/python -m pip install --quiet -e '.[test]' -e examples/chatbus-provider-example",
+    ]
