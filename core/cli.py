@@ -236,7 +236,7 @@ async def _answer(service: ChatService, request: ChatRequest) -> TurnResult | No
         print(f"chatbus: {exc}", file=sys.stderr)
         return None
     print()
-    failures = [Failure(failure.model, failure.error) for failure in result.failures]
+    failures = list(result.failures)
     if result.error is not None:
         if not failures or failures[-1].error is not result.error:
             failures.append(Failure(result.model, result.error))  # after text, a time limit
@@ -247,7 +247,7 @@ async def _answer(service: ChatService, request: ChatRequest) -> TurnResult | No
 
 
 def _said(failures: list[Failure]) -> str:
-    """`model: error`, one a model and error, with the number of attempts that failed so."""
+    """`model: error` for each model and error, with how many attempts failed that way."""
     counted: dict[tuple[str, str], int] = {}
     for failure in failures:
         key = (failure.model, str(failure.error))
@@ -260,8 +260,9 @@ def _said(failures: list[Failure]) -> str:
 
 def _session(config: Config, args: argparse.Namespace) -> int:
     """An interactive chat, as `llm chat`: one conversation, each question a line, until
-    Ctrl-D (or `exit`). The service stays open between questions; the loop is idle while
-    the terminal is read (nothing runs in the background for the CLI)."""
+    Ctrl-D (or `exit`). The service stays open between questions; its loop runs only while
+    a question is answered (and at the end), not while the terminal is read, so background
+    work (an answer's end retried after a store failure) waits for the next question."""
     from core.app import open_service
 
     conversation = args.conversation or uuid.uuid4().hex
