@@ -34,7 +34,7 @@ from core.cors import Cors
 from core.history import HistoryStore
 from core.interrupted import end_interrupted
 from core.keys import CONFIG, METRICS, PLUGINS, SERVICE
-from core.plugins import history_store_factories, make_plugin_manager, provider_factories
+from core.plugins import history_store_factories, plugin_manager, provider_factories
 from core.registry import ModelRegistry
 from core.templates import PromptTemplates
 from core.validation import first_problem
@@ -44,7 +44,7 @@ log = structlog.get_logger("chatbus.app")
 
 
 def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Application:
-    pm = pm or make_plugin_manager(config.plugins.modules)
+    pm = pm or plugin_manager(config)
     app = web.Application(
         middlewares=[
             request_context(config.server.access_log),
@@ -87,7 +87,7 @@ async def _stop_answering(app: web.Application) -> None:
 async def open_service(
     config: Config, pm: pluggy.PluginManager | None = None
 ) -> AsyncIterator[ChatService]:
-    pm = pm or make_plugin_manager(config.plugins.modules)
+    pm = pm or plugin_manager(config)
     prompts = PromptTemplates(config.prompts)
     async with AsyncExitStack() as stack:
         # Answers are long-lived streams: a pool cap would queue chats behind each other.

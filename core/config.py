@@ -8,6 +8,7 @@ are read as TOML scalars when they parse as one (`8000`, `true`), else as plain 
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -149,6 +150,10 @@ class ChatConfig(Section):
     max_query_chars: int = Field(32_000, gt=0)
     max_history_turns: int = Field(100, ge=0)
     keepalive_seconds: float = Field(15.0, gt=0)
+    # Past turns of a request's `conversation_id` read when it names no `history_len`, on
+    # chatbus's own routes (/v1/chat/completions) and `chatbus chat`; /chat/chat keeps
+    # chatchat's default, -1: none.
+    default_history_len: int = Field(10, ge=0)
     # Every model's limits, unless the model sets its own (same keys on [models.<name>]).
     max_answer_chars: int = Field(DEFAULT_ANSWER_CHARS, gt=0, le=MAX_ANSWER_CHARS)
     answer_timeout_seconds: float = Field(DEFAULT_ANSWER_SECONDS, gt=0)
@@ -298,7 +303,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] = os.
         data["base_dir"] = file.resolve().parent
         data["source"] = where
     else:
-        where = "built-in defaults"
+        where = data["source"] = f"built-in defaults (no {file} in {Path.cwd()})"
     for keys, value in env_overrides(environ):
         # One key of a table left to its default (`[models]`, `[prompts]`) joins the default.
         default = getattr(Config.model_fields.get(keys[0]), "default", None)
@@ -325,6 +330,62 @@ def env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any]]:
         if all(keys) and keys[0] in Config.model_fields and keys[0] not in INTERNAL_KEYS:
             found.append((keys, _parse_value(raw)))
     return found
+
+
+def misnamed_overrides(environ: Mapping[str, str], config: Config) -> dict[str, str]:
+    """CHATBUS_ variables that look like overrides but override nothing (CHATBUS_SERVER_PORT,
+    CHATBUS_PORT, CHATBUS_SEVER__PORT), each with what it may have meant. Variables the
+    configuration names (secrets: `*_env` keys) and CHATBUS_CONFIG / CHATBUS_TEST_* are not."""
+    overrides = {ENV_PREFIX + "__".join(keys).upper() for keys, _ in env_overrides(environ)}
+    named = set(_variables_named(config.model_dump()))
+    found = {}
+    for name in environ:
+        if not name.startswith(ENV_PREFIX) or name in overrides or name in named:
+            continue
+        rest = name.removeprefix(ENV_PREFIX).lower()
+        if name == ENV_CONFIG_PATH or rest.startswith("test_"):
+            continue
+        meant = _meant_override(rest)
+        if meant:
+            found[name] = meant
+    return found
+
+
+def _meant_override(rest: str) -> str | None:
+    """The override a variable's name (after CHATBUS_, lower-cased) may have meant."""
+    sections = {
+        name: field.annotation
+        for name, field in Config.model_fields.items()
+        if name not in INTERNAL_KEYS
+    }
+    if "__" in rest:
+        section = rest.split("__")[0]
+        if section in sections:
+            return None  # a real section: a bad key there is a validation error already
+        close = difflib.get_close_matches(section, sections, n=1)
+        return (ENV_PREFIX + rest.replace(section, close[0], 1)).upper() if close else None
+    meant = []
+    for section, kind in sections.items():
+        keys = kind.model_fields if isinstance(kind, type) and issubclass(kind, BaseModel) else {}
+        for key in keys:
+            if rest in (key, f"{section}_{key}"):
+                meant.append(f"{ENV_PREFIX}{section}__{key}".upper())
+    return " or ".join(meant) or None
+
+
+def _variables_named(data: Any) -> list[str]:
+    """The values of every `*_env` key: the environment variables the configuration reads."""
+    if isinstance(data, dict):
+        named = []
+        for key, value in data.items():
+            if isinstance(key, str) and key.endswith("_env") and isinstance(value, str):
+                named.append(value)
+            else:
+                named.extend(_variables_named(value))
+        return named
+    if isinstance(data, list):
+        return [name for item in data for name in _variables_named(item)]
+    return []
 
 
 def _read_toml(file: Path) -> dict[str, Any]:

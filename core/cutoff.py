@@ -29,6 +29,7 @@ class Cutoff:
         self._no_answers.set()
         self._cutting = False  # the grace is over: an answer is cut as soon as it starts
         self._done_by: float | None = None  # the loop time by which a shutdown is done
+        self._grace_wait: asyncio.Timeout | None = None  # a shutdown's wait for the answers
 
     @asynccontextmanager
     async def answering(self) -> AsyncIterator[None]:
@@ -49,15 +50,35 @@ class Cutoff:
             if not self._answers:
                 self._no_answers.set()
 
+    @property
+    def answers_in_flight(self) -> int:
+        return len(self._answers)
+
     async def stop_answering(self) -> None:
         """Shutdown, once nothing new is accepted: let the answers under way finish for up
-        to the grace, then cut the rest short (their transports say so, their turns are
-        stored `cancelled`). What is left of the shutdown is `time_left()`."""
+        to the grace (or until `end_grace`), then cut the rest short (their transports say
+        so, their turns are stored `cancelled`). What is left of the shutdown is
+        `time_left()`."""
         loop = asyncio.get_running_loop()
-        self._done_by = loop.time() + self._grace + CLOSE_SECONDS
+        grace = 0 if self._cutting else self._grace  # the grace was ended before it began
+        self._done_by = loop.time() + grace + CLOSE_SECONDS
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._grace):
+            async with asyncio.timeout(grace) as self._grace_wait:
                 await self._no_answers.wait()
+        self._cut_answers()
+
+    def end_grace(self) -> None:
+        """Cut the shutdown's grace short (a second Ctrl-C): the answers under way are cut
+        now, and what follows has CLOSE_SECONDS."""
+        loop = asyncio.get_running_loop()
+        self._cutting = True
+        if self._grace_wait is not None and not self._grace_wait.expired():
+            self._grace_wait.reschedule(loop.time())
+        if self._done_by is not None:
+            self._done_by = min(self._done_by, loop.time() + CLOSE_SECONDS)
+
+    def _cut_answers(self) -> None:
+        loop = asyncio.get_running_loop()
         self._cutting = True
         if self._answers:
             log.warning("the grace ran out: cutting answers short", count=len(self._answers))

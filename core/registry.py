@@ -33,6 +33,14 @@ class Health:
 
 
 @dataclass(frozen=True, slots=True)
+class Failure:
+    """An attempt that failed before the client had text: a retry or a fallback followed."""
+
+    model: str
+    error: ProviderError
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """One configured model as the chat service calls it."""
 
@@ -125,10 +133,11 @@ class ModelRegistry:
         name: str,
         attempt: Callable[[Route], Awaitable[None]],
         answered: Callable[[], bool],
+        failures: list[Failure],
     ) -> None:
         """`attempt` with the model, then its retries, then its fallbacks, until one call
         succeeds; else the last error. Once `answered()` (the client has text), nothing is
-        retried: a failure then is final."""
+        retried: a failure then is final. Each failed attempt before is added to `failures`."""
         error: ProviderError | None = None
         for route in self.chain(name):
             for tried in range(route.retries + 1):
@@ -142,6 +151,8 @@ class ModelRegistry:
                     if answered():
                         raise
                     error = exc
+                    failures.append(Failure(route.name, exc))
+                    # The message is safe to log: providers redact their keys from it.
                     log.warning("model failed", model=route.name, attempt=tried + 1,
                                 error=exc.type, message=str(exc))  # fmt: skip
                     if not exc.retryable:

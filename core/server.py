@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -13,7 +14,8 @@ from core.app import create_app
 from core.auth import check_exposure
 from core.config import Config, ServerConfig
 from core.edge import EdgeRunner, default_max_connections
-from core.keys import CONFIG
+from core.keys import CONFIG, SERVICE
+from core.plugins import BUILTIN_PLUGINS, extra_plugins, plugin_manager
 
 log = structlog.get_logger("chatbus.server")
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython: 700)
@@ -48,29 +50,56 @@ async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
 
 async def serve(config: Config) -> None:
     """Serve until SIGINT or SIGTERM, then stop accepting, let answers finish for the grace,
-    cut the rest short and exit, within the grace and a second."""
+    cut the rest short and exit, within the grace and a second; a second signal ends the
+    grace at once. An OSError while starting to listen (a port in use) propagates."""
     check_exposure(config.server.host, config.auth)
-    app = create_app(config)
+    pm = plugin_manager(config)
+    loaded = extra_plugins(pm)  # before the app: built-ins register objects of their own there
+    app = create_app(config, pm)
     server = config.server
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before listening: a signal is never lost
+        loop.add_signal_handler(sig, _on_signal, stop, app)
     runner = await start(app, server.host, server.port)
     host, port = runner.addresses[0][:2]
     _settle_memory()
+    log.info("plugins", builtin=len(BUILTIN_PLUGINS), loaded=loaded)
     log.info(
         "ready",
         url=f"http://{host}:{port}",
         default_model=config.default_model,
         store=config.history.backend,
+        config=_file_of(config),
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
-        log.info("stopping", grace_seconds=server.shutdown_grace_seconds)
+        log.info(
+            "stopping",
+            grace_seconds=server.shutdown_grace_seconds,
+            answers_in_flight=app[SERVICE].cutoff.answers_in_flight,
+            hint="Ctrl-C again to cut them short now",
+        )
     finally:
         await runner.cleanup()
         log.info("stopped")
+
+
+def _file_of(config: Config) -> str:
+    """The configuration file read, as an absolute path; else what the defaults say."""
+    path = Path(config.source)
+    return str(path.resolve()) if path.is_file() else config.source
+
+
+def _on_signal(stop: asyncio.Event, app: web.Application) -> None:
+    """The first signal stops the server within its grace; the next ones end the grace."""
+    if not stop.is_set():
+        stop.set()
+        return
+    service = app.get(SERVICE)
+    if service is not None:  # else it is still starting: nothing is answering yet
+        log.warning("stopping now", answers_cut=service.cutoff.answers_in_flight)
+        service.cutoff.end_grace()
 
 
 def _settle_memory() -> None:

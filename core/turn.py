@@ -25,7 +25,7 @@ from core.providers import (
     Usage,
 )
 from core.recorder import Recorder
-from core.registry import ModelRegistry, Route
+from core.registry import Failure, ModelRegistry, Route
 
 log = structlog.get_logger("chatbus.chat")
 
@@ -44,6 +44,7 @@ class TurnResult:
     status: Status
     error: ProviderError | None
     model: str  # the model that answered
+    failures: tuple[Failure, ...] = ()  # the attempts before it, in order
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +158,9 @@ class ChatTurn:
             answer.model = route.name
             await self._relay(route, answer, send)
 
-        await self._services.models.answer(self.record.model, attempt, lambda: bool(answer.parts))
+        await self._services.models.answer(
+            self.record.model, attempt, lambda: bool(answer.parts), answer.failures
+        )
 
     async def _relay(self, route: Route, answer: _Answer, send: Send | None) -> None:
         """The hot path: every delta from the provider straight to the transport, until the
@@ -217,7 +220,8 @@ class ChatTurn:
         )
         event = self._end_event(answer, status, error, text, latency, first_token)
         await self._services.recorder.end(outcome, event)
-        return TurnResult(self.message_id, text, status, error, answer.model)
+        failures = tuple(answer.failures)
+        return TurnResult(self.message_id, text, status, error, answer.model, failures)
 
     def _end_event(
         self,
@@ -270,6 +274,7 @@ class _Answer:
     parts: list[str] = field(default_factory=list)
     usage: Usage | None = None
     first: float | None = None
+    failures: list[Failure] = field(default_factory=list)
 
 
 class _Checkpoints:

@@ -12,7 +12,7 @@ import pytest
 from core.app import open_service
 from core.auth import check_exposure
 from core.chat import Caller
-from core.config import ConfigError, load_config
+from core.config import ConfigError, load_config, misnamed_overrides
 from core.schemas import ChatRequest
 from plugins.providers.echo import EchoOptions
 
@@ -49,6 +49,7 @@ def test_builtin_defaults_when_no_file(tmp_path: Path, monkeypatch: pytest.Monke
     assert config.chat.max_query_chars == 32_000
     assert config.chat.max_history_turns == 100
     assert config.chat.keepalive_seconds == 15.0
+    assert config.chat.default_history_len == 10
     assert config.history.backend == "sqlite"
     assert config.history.options() == {}
     assert config.prompts == {"default": "{{ input }}"}
@@ -445,6 +446,64 @@ def test_override_values_take_the_type_of_their_key(
     assert config.default_model == "2024"
     assert config.plugins.modules == ["a.b"]
     assert config.chat.keepalive_seconds == 0.5
+
+
+# Variables that look like overrides but are not (#16.6)
+
+
+def test_variables_that_look_like_overrides_are_found_with_what_they_meant(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    environ = {
+        "CHATBUS_SERVER_PORT": "8000",  # one underscore
+        "CHATBUS_PORT": "8000",  # no section
+        "CHATBUS_SEVER__PORT": "8000",  # a misspelt section
+        "CHATBUS_MAX_HISTORY_TURNS": "5",
+        "CHATBUS_SERVER__HOST": "127.0.0.1",  # an override
+        "CHATBUS_DEFAULT_MODEL": "echo",  # an override of a top-level key
+    }
+    assert misnamed_overrides(environ, load_config(None, environ)) == {
+        "CHATBUS_SERVER_PORT": "CHATBUS_SERVER__PORT",
+        "CHATBUS_PORT": "CHATBUS_SERVER__PORT",
+        "CHATBUS_SEVER__PORT": "CHATBUS_SERVER__PORT",
+        "CHATBUS_MAX_HISTORY_TURNS": "CHATBUS_CHAT__MAX_HISTORY_TURNS",
+    }
+
+
+def test_variables_the_configuration_names_and_others_are_not_misnamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    file = write(
+        tmp_path / "c.toml",
+        '[auth.keys.ci]\ntenant = "t"\nkey_env = "CHATBUS_SERVER_KEY"\n'
+        '[models.echo]\nprovider = "echo"\n',
+    )
+    environ = {
+        "CHATBUS_SERVER_KEY": "secret",  # named by key_env: not a mistake, however it looks
+        "CHATBUS_CALLBACK_SECRET": "whsec_x",  # [chat] callback_secret_env's default
+        "CHATBUS_MONGODB_URI": "mongodb://x",
+        "CHATBUS_CONFIG": str(file),
+        "CHATBUS_TEST_MONGODB_URI": "mongodb://x",
+        "CHATBUS_MY_OWN_THING": "x",
+        "CHATBUS_SERVER__": "x",
+    }
+    assert misnamed_overrides(environ, load_config(None, environ)) == {}
+
+
+def test_the_cli_warns_of_a_misnamed_variable(tmp_path: Path) -> None:
+    file = write(tmp_path / "c.toml", '[history.sqlite]\npath = "c.db"\n')
+    env = {**os.environ, "CHATBUS_SERVER_PORT": "8000"}
+    result = subprocess.run(
+        [sys.executable, "-m", "core.cli", "--config", str(file), "chat", "hi"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    warning = result.stderr.splitlines()[0]
+    assert '"event": "not a configuration override"' in warning
+    assert '"variable": "CHATBUS_SERVER_PORT"' in warning
+    assert '"did_you_mean": "CHATBUS_SERVER__PORT"' in warning
 
 
 # Host and host:port lists

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import structlog
 
 from chatbus.testing.fake_upstream import FakeUpstream
 from core.config import Config, ConfigError
@@ -107,6 +108,25 @@ async def test_a_fallback_after_a_failure_that_is_not_retryable(
     stream, record = await answer(chatbus, "fake")
     assert len(upstream.received) == 1
     assert (stream.text, record.model) == ("hello there", "echo")
+
+
+async def test_model_failed_lines_carry_the_errors_message_without_the_key(
+    start_chatbus: StartChatbus, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#16.7: the log says why a model failed, as the client would be told (keys redacted)."""
+    monkeypatch.setenv("FAKE_KEY", "sk-fallback-secret-1")
+    chatbus = await start_chatbus(
+        models={"fake": {"api_key_env": "FAKE_KEY", "retries": 0, "fallbacks": ["echo"]}}
+    )
+    upstream.behaviour.fail_status = 503
+    upstream.behaviour.fail_message = "overloaded, key sk-fallback-secret-1"
+    with structlog.testing.capture_logs() as logs:
+        stream, record = await answer(chatbus, "fake")
+    assert (stream.text, record.model) == ("hello there", "echo")
+    (failed,) = [line for line in logs if line["event"] == "model failed"]
+    assert (failed["model"], failed["error"]) == ("fake", "upstream_unavailable")
+    assert "overloaded, key [redacted]" in failed["message"]
+    assert "sk-fallback-secret-1" not in repr(logs)
 
 
 async def test_when_every_model_fails_the_last_error_is_reported(

@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+import structlog
 from pydantic import ValidationError
 
 from chatbus.testing.fake_upstream import DEFAULT_TOKENS, Behaviour, FakeUpstream
@@ -216,6 +217,47 @@ def test_open_imports_litellm_offline_and_quietly() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "offline"
+
+
+def test_a_litellm_model_without_litellm_installed_is_one_config_error(tmp_path: Path) -> None:
+    """#16.8: `make serve` installs no litellm; a litellm model then says how to add it."""
+    config = tmp_path / "chatbus.toml"
+    config.write_text(
+        'default_model = "claude"\n[models.claude]\nprovider = "litellm"\n'
+        'model = "anthropic/claude-3-5-haiku-latest"\n[history.sqlite]\npath = "c.db"\n'
+    )
+    done = run_python(
+        f"""
+        import sys
+        sys.modules["litellm"] = None  # as if not installed
+        from core.cli import main
+        sys.exit(main(["--config", {str(config)!r}, "chat", "hi"]))
+        """,
+        dict(os.environ),
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr == (
+        f"chatbus: configuration error: {config}: models.claude: provider litellm needs the"
+        " litellm package, not installed here: .venv/bin/pip install -e '.[litellm]'\n"
+    )
+
+
+async def test_an_option_litellm_does_not_know_is_warned_of_with_what_it_may_mean(
+    upstream: FakeUpstream, key: str, litellm: ModuleType
+) -> None:
+    """#16.6: `api_bse` would send the request to OpenAI's own URL: said at start-up."""
+    provider = provider_for(upstream, api_bse="http://elsewhere", top_k=3, api_version="1")
+    with structlog.testing.capture_logs() as logs:
+        await provider.open()
+    said = {line["option"]: line for line in logs if "option" in line}
+    assert said["api_bse"] == {
+        "event": "litellm does not know this option: it is sent as is",
+        "option": "api_bse",
+        "did_you_mean": "api_base",
+        "log_level": "warning",
+    }
+    assert said["top_k"]["log_level"] == "info"  # a provider's own option, most likely
+    assert set(said) == {"api_bse", "top_k"}  # api_version is litellm's
 
 
 # --- the happy path and what the upstream receives ---------------------------------------

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp import web
 
 from core.config import ConfigError
@@ -27,6 +32,7 @@ from plugins.history_sqlite import make_store
 from plugins.providers.echo import make_echo
 from plugins.providers.openai_compat import make_openai_compat
 from tests.conftest import StartChatbus
+from tests.test_cli import CHATBUS, ROOT, free_port, run, wait_until_listening
 
 
 @pytest.fixture
@@ -290,8 +296,97 @@ def test_a_misspelt_hook_is_a_config_error(plugin_dir: Path) -> None:
         "chatbus_test_misspelt",
         "from core.hookspecs import hookimpl\n\n@hookimpl\ndef chat_complete(event):\n    pass\n",
     )
-    with pytest.raises(ConfigError, match="chat_complete"):
+    with pytest.raises(ConfigError) as info:
         make_plugin_manager(["chatbus_test_misspelt"], entry_points=False)
+    message = str(info.value)
+    assert message.startswith(
+        "plugin 'chatbus_test_misspelt': unknown hook 'chat_complete';"
+        " did you mean 'chat_completed'? (the hooks: chat_cancelled, "
+    )
+    assert "\n" not in message
+
+
+def test_a_function_named_like_a_hook_but_not_marked_is_warned_of(plugin_dir: Path) -> None:
+    write_module(
+        plugin_dir,
+        "chatbus_test_unmarked",
+        "from core.hookspecs import hookimpl\n\n"
+        "def chat_completed(event):\n    pass\n\n"
+        "@hookimpl\ndef chat_failed(event):\n    pass\n",
+    )
+    with structlog.testing.capture_logs() as logs:
+        make_plugin_manager(["chatbus_test_unmarked"], entry_points=False)
+    warned = [line for line in logs if "not marked @hookimpl" in line["event"]]
+    assert warned == [
+        {
+            "event": "a function named like a hook is not marked @hookimpl: it is not called",
+            "plugin": "chatbus_test_unmarked",
+            "function": "chat_completed",
+            "log_level": "warning",
+        }
+    ]
+
+
+# --- a plugin beside the configuration, as a newcomer writes one (#16.3) -------------------
+
+BESIDE_PLUGIN = """
+from chatbus import hookimpl
+
+
+@hookimpl(wrapper=True)
+def prepare_messages(request, messages):
+    messages = yield
+    return [*messages[:-1], {**messages[-1], "content": "beside: " + messages[-1]["content"]}]
+"""
+
+
+def config_beside(tmp_path: Path, module: str) -> Path:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[plugins]\nmodules = ["{module}"]\n[history.sqlite]\npath = "c.db"\n')
+    return config
+
+
+def test_a_plugin_file_beside_the_config_is_loaded(tmp_path: Path) -> None:
+    config = config_beside(tmp_path, "chatbus_beside_plugin")
+    write_module(tmp_path, "chatbus_beside_plugin", BESIDE_PLUGIN)
+    result = run("--config", str(config), "chat", "hello")  # from the repository, elsewhere
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "beside: hello\n"
+
+
+def test_a_plugin_not_found_says_where_it_looked(tmp_path: Path) -> None:
+    config = config_beside(tmp_path, "chatbus_nowhere")
+    result = run("--config", str(config), "chat", "hello")
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"chatbus: configuration error: {config}: plugins.modules: cannot import"
+        " 'chatbus_nowhere': No module named 'chatbus_nowhere' (looked in"
+        f" {tmp_path}, the configuration's folder, then the Python path of {sys.executable})\n"
+    )
+
+
+def test_serve_logs_the_plugins_it_loaded(tmp_path: Path) -> None:
+    port = free_port()
+    config = config_beside(tmp_path, "chatbus_beside_plugin")
+    config.write_text(config.read_text() + f"[server]\nport = {port}\n")
+    write_module(tmp_path, "chatbus_beside_plugin", BESIDE_PLUGIN)
+    process = subprocess.Popen(
+        [*CHATBUS, "--config", str(config), "serve"],
+        cwd=ROOT, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_until_listening(port, process)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=15)
+    lines = {line["event"]: line for line in map(json.loads, stderr.splitlines())}
+    assert lines["plugins"]["builtin"] == len(BUILTIN_PLUGINS)
+    beside = str(tmp_path / "chatbus_beside_plugin.py")
+    entry_points = {entry.name for entry in metadata.entry_points(group="chatbus")}
+    loaded = lines["plugins"]["loaded"]
+    assert f"chatbus_beside_plugin ({beside})" in loaded
+    assert {item.split(" (")[0] for item in loaded} == {"chatbus_beside_plugin", *entry_points}
+    assert lines["ready"]["config"] == str(config)
 
 
 # --- register_middlewares and register_lifespans -----------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -125,8 +126,13 @@ async def slow_upload(port: int) -> asyncio.StreamWriter:
 
 async def exit_after_sigterm(process: subprocess.Popen[bytes]) -> float:
     """SIGTERM, then the seconds until the process has exited (15 s at most)."""
+    return await exit_after(process, signal.SIGTERM)
+
+
+async def exit_after(process: subprocess.Popen[bytes], sig: signal.Signals) -> float:
+    """Send `sig`, then the seconds until the process has exited (15 s at most)."""
     sent = time.monotonic()
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sig)
     await asyncio.to_thread(process.wait, 15)
     return time.monotonic() - sent
 
@@ -283,3 +289,39 @@ async def test_the_end_of_a_cut_async_chat_waits_in_the_outbox_when_not_delivere
         0,
     )
     assert stored(tmp_path) == {accepted["message_id"]: ("cancelled", "shutting_down", FIRST)}
+
+
+async def test_a_second_ctrl_c_cuts_the_answers_short_at_once(tmp_path: Path) -> None:
+    """#16.8: the first Ctrl-C says how many answers are under way and waits for them (the
+    grace, a minute here); the second cuts them short now, each stored `cancelled`."""
+    async with FakeUpstream(SILENT) as upstream:
+        grace = 60.0
+        process, port = serve(tmp_path, upstream, grace)
+        try:
+            await asyncio.to_thread(wait_until_listening, port, process)  # type: ignore[arg-type]
+            async with aiohttp.ClientSession() as http:
+                stream = chatchat_stream("wait for me")
+                reading = asyncio.create_task(stream.read(http, f"http://127.0.0.1:{port}"))
+                async with asyncio.timeout(15):
+                    await stream.under_way.wait()
+                process.send_signal(signal.SIGINT)
+                await wait_until(lambda: not accepting(port), "the listener closed", timeout=15)
+                elapsed = await exit_after(process, signal.SIGINT)
+                async with asyncio.timeout(5):
+                    await reading
+        finally:
+            stderr = stop(process)
+    assert process.returncode == 0, stderr
+    assert elapsed < grace / 2  # far from the grace: not a timing, a forced stop
+    lines = {line["event"]: line for line in map(orjson.loads, stderr.splitlines())}
+    assert lines["stopping"]["answers_in_flight"] == 1
+    assert "Ctrl-C again" in lines["stopping"]["hint"]
+    assert lines["stopping now"]["answers_cut"] == 1
+    assert stream.frames()[-1]["error"]["type"] == "shutting_down"
+    ((status, error, text),) = stored(tmp_path).values()
+    assert (status, error, text) == ("cancelled", "shutting_down", FIRST)
+
+
+def accepting(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0

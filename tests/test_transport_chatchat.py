@@ -9,6 +9,7 @@ import re
 
 import aiohttp
 import pytest
+import structlog
 
 from chatbus.testing.fake_upstream import FakeUpstream
 from core.history import Status
@@ -53,6 +54,27 @@ async def test_not_streamed_is_one_json_body(chatbus: Chatbus) -> None:
     assert set(body) == {"text", "message_id"}
     assert body["text"] == "whole answer"
     assert HEX_ID.match(body["message_id"])
+
+
+async def test_model_instead_of_model_name_is_said_in_a_log_line(
+    chatbus: Chatbus, upstream: FakeUpstream
+) -> None:
+    """#16.6: `model` (OpenAI's name) is not chatchat's field: the default model answers, and
+    the log says why."""
+    with structlog.testing.capture_logs() as logs:
+        status, body = await chatbus.chat_json(query="which model?", model="fake")
+        named = await chatbus.chat_json(query="this one", model_name="fake", model="fake")
+    assert (status, body["text"]) == (200, "which model?")  # echo, the default, answered
+    assert (named[0], named[1]["text"]) == (200, "Hello from fake upstream")
+    warned = [line for line in logs if "model_name" in line["event"]]
+    assert warned == [
+        {
+            "event": "/chat/chat reads model_name, not model: the default model answers",
+            "model": "fake",
+            "default_model": "echo",
+            "log_level": "warning",
+        }
+    ]
 
 
 async def test_upstream_failure_before_streaming(chatbus: Chatbus, upstream: FakeUpstream) -> None:

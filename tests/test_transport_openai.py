@@ -171,6 +171,30 @@ async def test_stored_history_with_extra_body(client: AsyncOpenAI, upstream: Fak
     assert upstream.received[-1].body["messages"] == [*mine, USER]
 
 
+async def test_a_conversation_id_alone_reads_the_default_history_len(
+    start_chatbus: StartChatbus, upstream: FakeUpstream
+) -> None:
+    """#16.4: on /v1 a conversation remembers without history_len ([chat]
+    default_history_len turns); /chat/chat keeps chatchat's -1 (none)."""
+    chatbus = await start_chatbus(chat={"default_history_len": 2})
+    ask = {"conversation_id": "c-default"}
+    async with AsyncOpenAI(base_url=chatbus.url + "/v1", api_key="-", max_retries=0) as client:
+        for query in ("one", "two", "three"):
+            await client.chat.completions.create(
+                model="echo", messages=[{"role": "user", "content": query}], extra_body=ask
+            )
+        await client.chat.completions.create(model="fake", messages=[USER], extra_body=ask)
+    assert upstream.received[-1].body["messages"] == [
+        {"role": "user", "content": "two"},
+        {"role": "assistant", "content": "two"},
+        {"role": "user", "content": "three"},
+        {"role": "assistant", "content": "three"},
+        USER,
+    ]
+    await chatbus.chat(query="and chatchat?", model_name="fake", conversation_id="c-default")
+    assert upstream.received[-1].body["messages"] == [{"role": "user", "content": "and chatchat?"}]
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [

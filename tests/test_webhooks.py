@@ -177,10 +177,13 @@ async def test_after_the_last_attempt_it_is_dead(
 ) -> None:
     receiver.answers = [500] * 10
     chatbus = await start_chatbus(**webhooks(receiver))
-    await chatbus.chat(query="never")
-    dead = await settled(chatbus, DeliveryStatus.DEAD)
+    with structlog.testing.capture_logs() as logs:
+        await chatbus.chat(query="never")
+        dead = await settled(chatbus, DeliveryStatus.DEAD)
     assert (dead.attempts, dead.last_error) == (4, "HTTP 500")  # the first, then 3 retries
     assert len(receiver.requests) == 4
+    attempts = [(line["outcome"], line["log_level"]) for line in logs if "outcome" in line]
+    assert attempts == [("pending", "info")] * 3 + [("dead", "warning")]  # #16.10
 
 
 async def test_a_receiver_answering_410_stops_it(
@@ -275,12 +278,33 @@ async def test_a_secret_gone_after_start_up_is_retried_not_sent_unsigned(
 ) -> None:
     chatbus = await start_chatbus(**webhooks(receiver))
     monkeypatch.delenv("HOOK_SECRET")
-    await chatbus.chat(query="unsigned")
-    dead = await settled(chatbus, DeliveryStatus.DEAD)
+    with structlog.testing.capture_logs() as logs:
+        await chatbus.chat(query="unsigned")
+        dead = await settled(chatbus, DeliveryStatus.DEAD)
+    levels = {line["log_level"] for line in logs if line["event"] == "webhook attempt"}
+    assert levels == {"warning"}  # every attempt: someone has to set the secret (#16.10)
     assert dead.last_error == "the environment variable HOOK_SECRET is not set"
     assert receiver.requests == []
     assert SECRET not in str(dead) and "HOOK_SECRET" in str(dead)
     assert os.environ.get("HOOK_SECRET") is None
+
+
+async def test_no_delivery_counts_at_shutdown_when_nothing_was_attempted(
+    start_chatbus: StartChatbus, receiver: Receiver
+) -> None:
+    """#16.10: without webhooks, a shutdown says nothing of them; with one, it counts."""
+    quiet = await start_chatbus()
+    await quiet.chat(query="no webhooks here")
+    with structlog.testing.capture_logs() as logs:
+        await quiet.close()
+    assert [line for line in logs if line["event"] == "webhook deliveries"] == []
+    busy = await start_chatbus(**webhooks(receiver))
+    await busy.chat(query="one webhook")
+    await settled(busy, DeliveryStatus.DELIVERED)
+    with structlog.testing.capture_logs() as logs:
+        await busy.close()
+    (counts,) = [line for line in logs if line["event"] == "webhook deliveries"]
+    assert counts["delivered"] == 1
 
 
 def test_plan_deliveries_for_subscribed_endpoints_only(tmp_path: Any) -> None:

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import importlib
+import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -236,7 +239,16 @@ class LiteLLMProvider:
         self._callbacks = any(name in options.extra for name in CALLBACK_OPTIONS)
 
     async def open(self) -> None:
-        await load_litellm()
+        litellm = await load_litellm()
+        for option, meant in unknown_options(litellm, self.options).items():
+            if meant:
+                log.warning(
+                    "litellm does not know this option: it is sent as is",
+                    option=option,
+                    did_you_mean=meant,
+                )
+            else:  # most likely one provider's own (vertex_project, top_k, ...)
+                log.info("an option litellm does not list: it is sent as is", option=option)
 
     async def aclose(self) -> None:
         """Close the HTTP clients every litellm model shares."""
@@ -316,6 +328,27 @@ class LiteLLMProvider:
         counts = Usage.of(usage)
         if counts is not None:
             yield counts
+
+
+def unknown_options(litellm: ModuleType, options: LiteLLMOptions) -> dict[str, str | None]:
+    """The options (beyond chatbus's own) that litellm names nowhere (not in `acompletion`'s
+    signature nor its lists of parameters), each with the close name it may mean: a
+    misspelt `api_bse` would otherwise send the request to OpenAI's default URL."""
+    known = set(LiteLLMOptions.model_fields)
+    for function in (litellm.acompletion, getattr(litellm, "get_optional_params", None)):
+        if function is not None:
+            known |= set(inspect.signature(function).parameters)
+    utils = sys.modules.get("litellm.types.utils")
+    for listed in (
+        getattr(utils, "all_litellm_params", ()),
+        getattr(litellm, "OPENAI_CHAT_COMPLETION_PARAMS", ()),
+    ):
+        known |= set(listed)
+    return {
+        option: next(iter(difflib.get_close_matches(option, known, n=1, cutoff=0.85)), None)
+        for option in options.extra
+        if option not in known
+    }
 
 
 def _callbacks_configured(litellm: ModuleType) -> bool:
@@ -456,5 +489,10 @@ def register_providers(register: Any) -> None:
 def make_litellm(spec: ModelSpec, http: aiohttp.ClientSession | None = None) -> LiteLLMProvider:
     """litellm has HTTP clients of its own: the app's session is not used."""
     options = LiteLLMOptions.model_validate(spec.options)
+    if importlib.util.find_spec("litellm") is None:  # looked for, not imported
+        raise ValueError(
+            "provider litellm needs the litellm package, not installed here:"
+            " .venv/bin/pip install -e '.[litellm]'"
+        )
     warn_if_key_unset(spec.name, options.api_key_env)
     return LiteLLMProvider(options)

@@ -4,7 +4,8 @@ events, webhooks); chatbus's own fields ride as extra body fields.
 
 The last message is the query; the ones before it are the history, used as is. When none
 of them is a user's or an assistant's (system messages are instructions), `conversation_id`
-and `history_len` read stored turns after them, as on `/chat/chat`.
+and `history_len` read stored turns after them, as on `/chat/chat`; with no `history_len`,
+`[chat] default_history_len` turns (chatchat's -1 is /chat/chat's alone).
 Errors have OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`, where `code`
 is chatbus's error type.
 """
@@ -20,6 +21,7 @@ from aiohttp_sse import EventSourceResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from core.chat import ChatService
+from core.config import ChatConfig
 from core.errors import UnknownModel
 from core.history import StoreUnavailable
 from core.hookspecs import hookimpl
@@ -80,7 +82,7 @@ class CompletionRequest(BaseModel):
     max_completion_tokens: int | None = None  # OpenAI's newer name: wins over max_tokens
     # chatbus's own fields
     conversation_id: str = ""
-    history_len: int = -1
+    history_len: int | None = None  # None: [chat] default_history_len
     prompt_name: str = "default"
 
 
@@ -139,7 +141,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     body = await read_body(request, CompletionRequest)
     model = body.model or service.default_model
-    chat_request = to_chat_request(body, model, config.chat.max_query_chars)
+    chat_request = to_chat_request(body, model, config.chat)
     async with service.start(chat_request, caller_of(request)) as turn:
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -180,7 +182,7 @@ async def complete(service: ChatService, turn: ChatTurn) -> web.Response:
     )
 
 
-def to_chat_request(body: CompletionRequest, model: str, max_query_chars: int) -> ChatRequest:
+def to_chat_request(body: CompletionRequest, model: str, chat: ChatConfig) -> ChatRequest:
     """The last message is the query, the ones before it the history."""
     *earlier, last = body.messages
     last_index = len(earlier)
@@ -198,7 +200,7 @@ def to_chat_request(body: CompletionRequest, model: str, max_query_chars: int) -
             for m in earlier
         ],
         "conversation_id": body.conversation_id,
-        "history_len": body.history_len,
+        "history_len": (chat.default_history_len if body.history_len is None else body.history_len),
         "stream": body.stream,
         "model_name": model,
         "max_tokens": (
@@ -209,7 +211,7 @@ def to_chat_request(body: CompletionRequest, model: str, max_query_chars: int) -
     if body.temperature is not None:
         data["temperature"] = body.temperature
     try:
-        return ChatRequest.model_validate(data, context={"max_query_chars": max_query_chars})
+        return ChatRequest.model_validate(data, context={"max_query_chars": chat.max_query_chars})
     except ValidationError as exc:
         problem = problem_of(exc)
         param = {"query": f"messages.{last_index}.content"}.get(problem.field, problem.field)

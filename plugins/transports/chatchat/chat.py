@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
+import structlog
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from core.keys import CONFIG, SERVICE
 from core.providers import ProviderError, ShuttingDown
@@ -29,6 +30,7 @@ from core.turn import ChatTurn, TurnResult
 from core.web import json_response, read_body
 from plugins.transports.frames import FrameWriter, stream_turn
 
+log = structlog.get_logger("chatbus.chatchat")
 SEPARATOR = b"\r\n\r\n"  # what chatchat's own server (sse-starlette) sends
 FAILED_STATUS = 502  # an upstream failure: the status of an answer that is not streamed
 SHUTTING_DOWN_STATUS = 503  # cut short by a shutdown: try again, elsewhere or later
@@ -80,9 +82,24 @@ class BareJsonStream(web.StreamResponse):
         return None
 
 
+class ChatchatChatRequest(ChatRequest):
+    """The body as read here: `model` is OpenAI's name for chatchat's `model_name`, kept
+    only to say that it is not read."""
+
+    model: Any = Field(None, exclude=True)
+
+
 async def chat(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
-    body = await read_body(request, ChatRequest, max_query_chars=config.chat.max_query_chars)
+    body = await read_body(
+        request, ChatchatChatRequest, max_query_chars=config.chat.max_query_chars
+    )
+    if body.model is not None and body.model_name is None:
+        log.warning(
+            "/chat/chat reads model_name, not model: the default model answers",
+            model=str(body.model)[:100],
+            default_model=config.default_model,
+        )
     service = request.app[SERVICE]
     async with service.start(body, caller_of(request)) as turn:
         return await answer(request, turn, body)

@@ -82,7 +82,8 @@ class Deliverer:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._http is not None:
             await self._http.close()
-        log.info("webhook deliveries", owner=self.owner, **self.counts)
+        if self.counts:  # nothing to say when nothing was attempted (no webhooks, say)
+            log.info("webhook deliveries", owner=self.owner, **self.counts)
 
     async def _run(self) -> None:
         while True:
@@ -149,8 +150,11 @@ class Deliverer:
         outcome = str(delivery.status) if delivery.status != "pending" else "retrying"
         self.counts[outcome] += 1
         self.attempts.labels(outcome).inc()
-        log.info("webhook attempt", delivery_id=delivery.delivery_id, url=delivery.url,
-                 attempt=delivery.attempts, outcome=str(delivery.status), error=error)  # fmt: skip
+        # Given up for good, or failing for want of a secret: someone has to act.
+        given_up = delivery.status in (DeliveryStatus.DEAD, DeliveryStatus.STOPPED)
+        say = log.warning if given_up or not _secrets(delivery) else log.info
+        say("webhook attempt", delivery_id=delivery.delivery_id, url=delivery.url,
+            attempt=delivery.attempts, outcome=str(delivery.status), error=error)  # fmt: skip
         await self._record(delivery)
 
     async def _record(self, delivery: Delivery) -> None:
@@ -179,7 +183,7 @@ class Deliverer:
 
     async def _send(self, delivery: Delivery) -> tuple[int | None, str | None, str | None]:
         assert self._http is not None
-        secrets = os.environ.get(delivery.secret_env, "").split()
+        secrets = _secrets(delivery)
         if not secrets:
             return None, f"the environment variable {delivery.secret_env} is not set", None
         headers = sign(delivery, secrets, datetime.now(UTC))
@@ -200,6 +204,11 @@ class Deliverer:
         if asked is not None:
             return asked
         return self.settings.schedule[attempts - 1] * random.uniform(0.8, 1.2)
+
+
+def _secrets(delivery: Delivery) -> list[str]:
+    """The delivery's signing secrets (several while one is rotated), read at each attempt."""
+    return os.environ.get(delivery.secret_env, "").split()
 
 
 def sign(delivery: Delivery, secrets: list[str], at: datetime) -> dict[str, str]:
