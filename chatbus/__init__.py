@@ -9,6 +9,7 @@ docs/plugins.md documents each hook and these types.
 
 from __future__ import annotations
 
+from core.chat_input import ChatInput
 from core.config import Config, ConfigError, ModelConfig, plugin_settings
 from core.errors import (
     CallbackNotAllowed,
@@ -50,6 +51,7 @@ from core.providers import (
     AuthenticationFailed,
     BadRequest,
     ContextWindowExceeded,
+    GenerationParams,
     MalformedResponse,
     Message,
     ModelCall,
@@ -66,7 +68,6 @@ from core.providers import (
 )
 from core.retry_after import retry_after_seconds
 from core.routes import caller_of
-from core.schemas import ChatchatBody, ChatRequest
 from core.turn import ChatTurn, ClientDisconnected, TurnIdentity, TurnResult
 from core.validation import first_problem
 from core.web import REQUEST_ID, TENANT, ApiError, answer_errors_as, json_response, read_body
@@ -94,11 +95,10 @@ __all__ = [
     "ChatError",
     "ChatEvent",
     "ChatFailed",
+    "ChatInput",
     "ChatReceived",
-    "ChatRequest",
     "ChatStarted",
     "ChatTurn",
-    "ChatchatBody",
     "ClientDisconnected",
     "Config",
     "ConfigError",
@@ -108,6 +108,7 @@ __all__ = [
     "DeliveryStatus",
     "Event",
     "FeedbackReceived",
+    "GenerationParams",
     "HistoryStore",
     "HistoryStoreFactory",
     "Lifespan",

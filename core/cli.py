@@ -11,15 +11,13 @@ from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
-
 from core.chat import Caller
+from core.chat_input import ChatInput, stored_turns_wanted
 from core.config import Config, ConfigError, load_config
 from core.errors import ChatError, StoreUnavailable
 from core.logs import configure_logging
 from core.outbox import DeliveryStatus
-from core.schemas import ChatRequest
-from core.validation import first_problem
+from core.validation import query_problem
 
 T = TypeVar("T")
 
@@ -91,25 +89,22 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
 
 
 def _chat(config: Config, args: argparse.Namespace) -> int:
-    conversation = args.conversation or uuid.uuid4().hex  # so a next call can continue it
-    try:
-        request = ChatRequest.model_validate(
-            {
-                "query": args.question,
-                "model_name": args.model,
-                "stream": True,
-                "conversation_id": conversation,
-                "history_len": args.history_len,
-            },
-            context={"max_query_chars": config.chat.max_query_chars},
-        )
-    except ValidationError as exc:
-        print(f"chatbus: {first_problem(exc)}", file=sys.stderr)
+    problem = query_problem(args.question, config.chat.max_query_chars)
+    if problem is not None:
+        print(f"chatbus: query: {problem}", file=sys.stderr)
         return 2
+    conversation = args.conversation or uuid.uuid4().hex  # so a next call can continue it
+    request = ChatInput(
+        query=args.question,
+        conversation_id=conversation,
+        history_len=stored_turns_wanted(conversation, (), args.history_len),
+        model=args.model,
+        stream=True,
+    )
     return _run(_chat_once(config, request))
 
 
-async def _chat_once(config: Config, request: ChatRequest) -> int:
+async def _chat_once(config: Config, request: ChatInput) -> int:
     from core.app import open_service
 
     async def send(text: str) -> None:

@@ -16,7 +16,9 @@ import structlog
 
 log = structlog.get_logger("chatbus.providers")
 
-Message = dict[str, str]  # {"role": ..., "content": ...}, the OpenAI shape
+# One message in OpenAI's shape: `role`, `content` (a string, a list of content parts, or
+# None), and for some roles `name`, `tool_calls` (an assistant's) or `tool_call_id` (a tool's).
+Message = dict[str, Any]
 # Words by which upstreams say a prompt is too long, when they give no better sign.
 CONTEXT_HINTS = ("context_length", "context length", "maximum context", "too many tokens")
 # No real count comes near it, and the total of two counts stays an exact integer in
@@ -70,11 +72,47 @@ def _is_count(value: object) -> bool:
     return type(value) is int and 0 <= value < MAX_TOKEN_COUNT  # bool is not an int here
 
 
-@dataclass(frozen=True, slots=True)
-class ModelCall:
-    messages: list[Message]
-    temperature: float = 0.7
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationParams:
+    """The caller's generation parameters: a typed core of the common ones (None: not
+    given, so not sent: the upstream's own default applies) and the rest as given."""
+
+    temperature: float | None = None
     max_tokens: int | None = None  # None: the model's own limit
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    user: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)  # any other field, passed through
+
+    def given(self) -> dict[str, Any]:
+        """The parameters given, by OpenAI's names: the typed ones, then the rest."""
+        typed = {name: getattr(self, name) for name in TYPED_PARAMS}
+        return {**{k: v for k, v in typed.items() if v is not None}, **self.extra}
+
+
+PARAM_FIELDS = tuple(GenerationParams.__dataclass_fields__)
+TYPED_PARAMS = tuple(name for name in PARAM_FIELDS if name != "extra")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCall(GenerationParams):
+    """What a provider is asked: the messages in OpenAI's shape, and the caller's generation
+    parameters (its fields, keyword-only: `ModelCall(messages, max_tokens=50)`)."""
+
+    messages: list[Message]
+
+    @classmethod
+    def of(cls, messages: list[Message], params: GenerationParams) -> ModelCall:
+        given = {name: getattr(params, name) for name in PARAM_FIELDS}
+        return cls(messages, **given)
 
 
 @runtime_checkable

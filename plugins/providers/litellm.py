@@ -222,7 +222,7 @@ async def close_shared_session() -> None:
 class LiteLLMProvider:
     def __init__(self, options: LiteLLMOptions) -> None:
         self.options = options
-        # Everything but the messages, temperature, max_tokens and key: built once.
+        # Everything but the messages, the caller's parameters and the key: built once.
         fixed: dict[str, Any] = {
             **options.extra,
             "model": options.model,
@@ -251,13 +251,11 @@ class LiteLLMProvider:
         key = self._key()
         kwargs = {
             **self._fixed,
+            **call.given(),  # absent means absent: the upstream's defaults apply
             "messages": call.messages,
-            "temperature": call.temperature,
             "stream_options": {"include_usage": True},  # a fresh one: litellm may edit it
             "shared_session": shared_session(),
         }
-        if call.max_tokens is not None:
-            kwargs["max_tokens"] = call.max_tokens
         if key is not None:
             kwargs["api_key"] = key
         # litellm sends the usage in a chunk of its own once the upstream's answer is over;

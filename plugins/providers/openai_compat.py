@@ -83,13 +83,11 @@ class OpenAICompatProvider:
     def _body(self, call: ModelCall) -> bytes:
         body: dict[str, Any] = {
             **self.options.extra_body,
+            **call.given(),  # absent means absent: the upstream's defaults apply
             "model": self.options.model,
             "messages": call.messages,
             "stream": True,
-            "temperature": call.temperature,
         }
-        if call.max_tokens is not None:
-            body["max_tokens"] = call.max_tokens
         if self.options.include_usage:
             body["stream_options"] = {"include_usage": True}
         return orjson.dumps(body)

@@ -17,18 +17,18 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.chat import ChatService
+from core.chat_input import ChatInput, stored_turns_wanted
 from core.errors import UnknownModel
 from core.history import StoreUnavailable
 from core.hookspecs import hookimpl
 from core.keys import CONFIG, SERVICE
-from core.providers import ProviderError, ShuttingDown
+from core.providers import GenerationParams, ProviderError, ShuttingDown
 from core.routes import caller_of
-from core.schemas import ChatRequest
 from core.turn import ChatTurn, TurnResult
-from core.validation import problem_of
+from core.validation import query_problem
 from core.web import ApiError, answer_errors_as, json_response, read_body
 from plugins.transports.frames import BurstWriter, stream_turn
 
@@ -75,7 +75,7 @@ class CompletionRequest(BaseModel):
     messages: list[CompletionMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None  # OpenAI's newer name: wins over max_tokens
     # chatbus's own fields
@@ -139,8 +139,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     body = await read_body(request, CompletionRequest)
     model = body.model or service.default_model
-    chat_request = to_chat_request(body, model, config.chat.max_query_chars)
-    async with service.start(chat_request, caller_of(request)) as turn:
+    chat_input = to_chat_input(body, model, config.chat.max_query_chars)
+    async with service.start(chat_input, caller_of(request)) as turn:
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return await stream(request, service, turn, include_usage)
@@ -180,41 +180,39 @@ async def complete(service: ChatService, turn: ChatTurn) -> web.Response:
     )
 
 
-def to_chat_request(body: CompletionRequest, model: str, max_query_chars: int) -> ChatRequest:
+def to_chat_input(body: CompletionRequest, model: str, max_query_chars: int) -> ChatInput:
     """The last message is the query, the ones before it the history."""
     *earlier, last = body.messages
-    last_index = len(earlier)
     if last.role != "user":
-        raise ApiError(
-            400,
-            "validation_error",
-            "messages: the last message must be the user's",
-            field="messages",
-        )
-    data: dict[str, Any] = {
-        "query": last.content,
-        "history": [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.content}
-            for m in earlier
-        ],
-        "conversation_id": body.conversation_id,
-        "history_len": body.history_len,
-        "stream": body.stream,
-        "model_name": model,
-        "max_tokens": (
-            body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+        raise invalid("messages", "the last message must be the user's")
+    problem = query_problem(last.content, max_query_chars)
+    if problem is not None:
+        raise invalid(f"messages.{len(earlier)}.content", problem)
+    history = tuple(
+        {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+        for m in earlier
+    )
+    max_tokens = (
+        body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+    )
+    return ChatInput(
+        query=last.content,
+        history=history,
+        conversation_id=body.conversation_id,
+        history_len=stored_turns_wanted(body.conversation_id, history, body.history_len),
+        model=model,
+        prompt_name=body.prompt_name,
+        stream=body.stream,
+        params=GenerationParams(
+            temperature=body.temperature,
+            max_tokens=max_tokens if max_tokens is not None and max_tokens > 0 else None,
         ),
-        "prompt_name": body.prompt_name,
-    }
-    if body.temperature is not None:
-        data["temperature"] = body.temperature
-    try:
-        return ChatRequest.model_validate(data, context={"max_query_chars": max_query_chars})
-    except ValidationError as exc:
-        problem = problem_of(exc)
-        param = {"query": f"messages.{last_index}.content"}.get(problem.field, problem.field)
-        message = f"{param}: {problem.message}"
-        raise ApiError(400, "validation_error", message, field=param) from None
+    )
+
+
+def invalid(param: str, problem: str) -> ApiError:
+    """A request field chatbus cannot take: a 400 naming it."""
+    return ApiError(400, "validation_error", f"{param}: {problem}", field=param)
 
 
 async def stream(

@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict
 from core.keys import CONFIG, SERVICE
 from core.providers import ProviderError, ShuttingDown
 from core.routes import caller_of
-from core.schemas import ChatRequest
 from core.turn import ChatTurn, TurnResult
 from core.web import json_response, read_body
+from plugins.transports.chatchat.schemas import ChatRequest
 from plugins.transports.frames import FrameWriter, stream_turn
 
 SEPARATOR = b"\r\n\r\n"  # what chatchat's own server (sse-starlette) sends
@@ -84,7 +84,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     body = await read_body(request, ChatRequest, max_query_chars=config.chat.max_query_chars)
     service = request.app[SERVICE]
-    async with service.start(body, caller_of(request)) as turn:
+    async with service.start(body.chat_input(), caller_of(request)) as turn:
         return await answer(request, turn, body)
 
 
