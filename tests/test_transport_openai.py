@@ -179,7 +179,9 @@ async def test_stored_history_with_extra_body(client: AsyncOpenAI, upstream: Fak
         ({"messages": [USER, {"role": "assistant", "content": "x"}]}, "messages"),
         ({"messages": [USER], "temperature": 3}, "temperature"),
         ({"messages": [{"role": "user", "content": "  "}]}, "messages.0.content"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.tool_call_id"),
+        ({"messages": [USER], "n": 2}, "n"),
+        ({"messages": [USER], "logprobs": True}, "logprobs"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
             "messages.0.content",
