@@ -9,6 +9,7 @@ docs/plugins.md documents each hook and these types.
 
 from __future__ import annotations
 
+from core.chat_input import ChatInput
 from core.config import Config, ConfigError, ModelConfig, plugin_settings
 from core.errors import (
     CallbackNotAllowed,
@@ -49,7 +50,10 @@ from core.providers import (
     AnswerTooLong,
     AuthenticationFailed,
     BadRequest,
+    Chunk,
     ContextWindowExceeded,
+    Finish,
+    GenerationParams,
     MalformedResponse,
     Message,
     ModelCall,
@@ -58,17 +62,19 @@ from core.providers import (
     ProviderError,
     ProviderFactory,
     RateLimited,
+    Reasoning,
+    ToolCallDelta,
     UpstreamTimeout,
     UpstreamUnavailable,
     Usage,
     key_from_env,
+    message_text,
     redacted,
     refuse_keys_in_file,
     warn_if_key_unset,
 )
 from core.retry_after import retry_after_seconds
 from core.routes import caller_of
-from core.schemas import ChatchatBody, ChatRequest
 from core.turn import ChatTurn, ClientDisconnected, TurnIdentity, TurnResult
 from core.validation import first_problem
 from core.web import REQUEST_ID, TENANT, ApiError, answer_errors_as, json_response, read_body
@@ -96,11 +102,11 @@ __all__ = [
     "ChatError",
     "ChatEvent",
     "ChatFailed",
+    "ChatInput",
     "ChatReceived",
-    "ChatRequest",
     "ChatStarted",
     "ChatTurn",
-    "ChatchatBody",
+    "Chunk",
     "ClientDisconnected",
     "Config",
     "ConfigError",
@@ -110,6 +116,8 @@ __all__ = [
     "DeliveryStatus",
     "Event",
     "FeedbackReceived",
+    "Finish",
+    "GenerationParams",
     "HistoryStore",
     "HistoryStoreFactory",
     "Lifespan",
@@ -126,8 +134,10 @@ __all__ = [
     "ProviderError",
     "ProviderFactory",
     "RateLimited",
+    "Reasoning",
     "Status",
     "StoreUnavailable",
+    "ToolCallDelta",
     "Turn",
     "TurnIdentity",
     "TurnResult",
@@ -142,6 +152,7 @@ __all__ = [
     "hookimpl",
     "json_response",
     "key_from_env",
+    "message_text",
     "plugin_settings",
     "read_body",
     "redacted",

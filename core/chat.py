@@ -19,6 +19,7 @@ import pluggy
 import structlog
 
 from core.bus import EventBus
+from core.chat_input import ChatInput
 from core.config import Config
 from core.cutoff import Cutoff
 from core.errors import CallbackNotAllowed, MessageNotFound, UnknownModel, UnknownPrompt
@@ -27,7 +28,6 @@ from core.history import HistoryStore, MessageRecord
 from core.providers import Message, ModelCall
 from core.recorder import Recorder
 from core.registry import ModelRegistry
-from core.schemas import ChatRequest
 from core.templates import PromptTemplates
 from core.turn import ChatTurn, TurnServices
 
@@ -65,7 +65,7 @@ class ChatService:
         self._config = config
 
     @asynccontextmanager
-    async def start(self, request: ChatRequest, caller: Caller) -> AsyncIterator[ChatTurn]:
+    async def start(self, request: ChatInput, caller: Caller) -> AsyncIterator[ChatTurn]:
         """Steps 2-5 of the flow, as the scope of the turn's life: raises a ChatError (or
         StoreUnavailable) before anything is stored; inside, the transport runs the turn
         (`await turn.run(send)`, or `spawn(turn.run())` to answer in the background). A
@@ -97,9 +97,9 @@ class ChatService:
             if not turn.claimed:
                 self.recorder.spawn(turn.abandon())
 
-    async def _prepare(self, request: ChatRequest, caller: Caller) -> ChatTurn:
+    async def _prepare(self, request: ChatInput, caller: Caller) -> ChatTurn:
         """The turn, its model call built; nothing is stored yet."""
-        model = request.model_name or self.default_model
+        model = request.model or self.default_model
         if self.models.get(model) is None:
             raise UnknownModel(model, self.models.names)
         if request.prompt_name not in self.prompts:
@@ -129,14 +129,21 @@ class ChatService:
         )
         await self.recorder.publish(received)
         history = await self._history(request, caller.tenant)
-        messages = [
-            *history,
-            {"role": "user", "content": self.prompts.render(request.prompt_name, request.query)},
-        ]
+        messages = [*history, *self._new_messages(request)]
         messages = self._hooks.prepare_messages(request=request, messages=messages)
-        turn.call = ModelCall(messages, request.temperature, request.max_tokens)
+        turn.call = ModelCall.of(messages, request.params)
         turn.history_turns = sum(message["role"] != "system" for message in history) // 2
         return turn
+
+    def _new_messages(self, request: ChatInput) -> list[Message]:
+        """What this turn adds: the tool results it answers, or the user's query rendered
+        through the prompt template, with its attachments."""
+        if request.tool_results:
+            return list(request.tool_results)
+        text = self.prompts.render(request.prompt_name, request.query)
+        if not request.attachments:
+            return [{"role": "user", "content": text}]
+        return [{"role": "user", "content": [{"type": "text", "text": text}, *request.attachments]}]
 
     async def feedback(self, caller: Caller, message_id: str, score: int, reason: str) -> None:
         """Rate one of the caller's answers; MessageNotFound when it has no such message."""
@@ -162,12 +169,11 @@ class ChatService:
         if any(problems):
             raise CallbackNotAllowed(next(problem for problem in problems if problem))
 
-    async def _history(self, request: ChatRequest, tenant: str) -> list[Message]:
-        """The client's history list, then the stored turns it asks for (see turns_to_read)."""
-        given = request.history if isinstance(request.history, list) else []
-        messages: list[Message] = [item.model_dump() for item in given]
-        limit = min(request.turns_to_read(), self.config.max_history_turns)
-        if limit == 0:
+    async def _history(self, request: ChatInput, tenant: str) -> list[Message]:
+        """The client's history, then the stored turns it asks for (`history_len`)."""
+        messages: list[Message] = list(request.history)
+        limit = min(request.history_len, self.config.max_history_turns)
+        if limit <= 0 or not request.conversation_id:
             return messages
         turns = await self.store.recent_turns(tenant, request.conversation_id, limit)
         for turn in turns:

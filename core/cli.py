@@ -20,18 +20,18 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
 import structlog
-from pydantic import ValidationError
 
 from core.chat import Caller, ChatService
+from core.chat_input import ChatInput, stored_turns_wanted
 from core.config import Config, ConfigError, load_config, misnamed_overrides
 from core.errors import ChatError, StoreUnavailable
 from core.history import HistoryStore
 from core.logs import configure_logging
 from core.outbox import DeliveryStatus
+from core.providers import GenerationParams
 from core.registry import Failure
-from core.schemas import ChatRequest
 from core.turn import TurnResult
-from core.validation import first_problem
+from core.validation import query_problem
 
 T = TypeVar("T")
 log = structlog.get_logger("chatbus.cli")
@@ -184,32 +184,30 @@ def _chat(config: Config, args: argparse.Namespace) -> int:
 
 def _request(
     config: Config, args: argparse.Namespace, question: str, conversation: str
-) -> ChatRequest | None:
-    """The chat request for one question; None (the problem said) when it is not valid."""
+) -> ChatInput | None:
+    """The chat input for one question; None (the problem said) when it is not valid."""
+    problem = query_problem(question, config.chat.max_query_chars)
+    if problem is not None:
+        print(f"chatbus: query: {problem}", file=sys.stderr)
+        return None
     history_len = args.history_len
     if history_len is None:
         history_len = config.chat.default_history_len
-    data: dict[str, Any] = {
-        "query": question,
-        "model_name": args.model,
-        "stream": True,
-        "conversation_id": conversation,
-        "history_len": history_len,
-        "prompt_name": args.prompt_name,
-        "temperature": args.temperature,
-    }
-    if args.system:  # system messages alone: the stored turns follow them
-        data["history"] = [{"role": "system", "content": args.system}]
-    try:
-        return ChatRequest.model_validate(
-            data, context={"max_query_chars": config.chat.max_query_chars}
-        )
-    except ValidationError as exc:
-        print(f"chatbus: {first_problem(exc)}", file=sys.stderr)
-        return None
+    # System messages alone: the stored turns follow them.
+    history = ({"role": "system", "content": args.system},) if args.system else ()
+    return ChatInput(
+        query=question,
+        history=history,
+        conversation_id=conversation,
+        history_len=stored_turns_wanted(conversation, history, history_len),
+        model=args.model,
+        prompt_name=args.prompt_name,
+        stream=True,
+        params=GenerationParams(temperature=args.temperature),
+    )
 
 
-async def _chat_once(config: Config, request: ChatRequest) -> int:
+async def _chat_once(config: Config, request: ChatInput) -> int:
     from core.app import open_service
 
     async with open_service(config) as service:
@@ -222,7 +220,7 @@ async def _chat_once(config: Config, request: ChatRequest) -> int:
     return 0
 
 
-async def _answer(service: ChatService, request: ChatRequest) -> TurnResult | None:
+async def _answer(service: ChatService, request: ChatInput) -> TurnResult | None:
     """Stream one answer to stdout and say on stderr which model answered, after which
     failures, or why there is no answer; None when the chat could not start."""
 

@@ -143,6 +143,10 @@ def _message(record: MessageRecord) -> dict[str, Any]:
         "usage": None if usage is None else usage.counts(),
         "latency": record.latency,
         "error": record.error,
+        # The answer beside its text (reasoning is never in `response`)
+        "finish_reason": record.meta.get("finish_reason"),
+        "reasoning": record.meta.get("reasoning", ""),
+        "tool_calls": record.meta.get("tool_calls", []),
         "feedback": None
         if record.feedback_score == -1
         else {"score": record.feedback_score, "reason": record.feedback_reason},

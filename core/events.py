@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from core.providers import Usage
 
@@ -48,6 +48,8 @@ class ChatEnded(ChatEvent):
     usage: Usage | None
     latency: float  # seconds from the model call to the end
     first_token_latency: float | None
+    finish_reason: str | None = None  # a completed turn's: `stop`, `length`, `tool_calls`, ...
+    tool_calls: tuple[dict[str, Any], ...] = ()  # OpenAI's shape: {"id", "type", "function"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -59,6 +59,19 @@ class Outcome:
     latency: float
     error: str | None = None
     model: str | None = None  # the model that answered (None: the one asked for)
+    finish_reason: str | None = None  # a completed turn's, as the model said
+    reasoning: str = ""
+    tool_calls: tuple[dict[str, Any], ...] = ()  # OpenAI's shape: {"id", "type", "function"}
+
+    def answer_meta(self) -> dict[str, Any]:
+        """What a store merges into the record's `meta`: the parts of the answer beside its
+        text (the finish reason, the reasoning, the tool calls), those there are."""
+        found = {
+            "finish_reason": self.finish_reason,
+            "reasoning": self.reasoning,
+            "tool_calls": list(self.tool_calls),
+        }
+        return {key: value for key, value in found.items() if value}
 
 
 @dataclass(frozen=True, slots=True)

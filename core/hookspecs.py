@@ -7,12 +7,12 @@ background, each with one frozen event object (`core.events`); they may be `asyn
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import pluggy
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from core.chat_input import ChatInput
 from core.config import Config
 from core.events import (
     ChatCancelled,
@@ -26,9 +26,6 @@ from core.events import (
 from core.history import HistoryStoreFactory
 from core.outbox import Delivery
 from core.providers import Message, ProviderFactory
-
-if TYPE_CHECKING:
-    from core.schemas import ChatRequest
 
 PROJECT = "chatbus"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -71,8 +68,9 @@ def register_lifespans(app: web.Application, register: Callable[[Lifespan], None
 
 
 @hookspec(firstresult=True)
-def prepare_messages(request: ChatRequest, messages: list[Message]) -> list[Message] | None:
-    """Edit the messages sent to the model. Implement it as a wrapper:
+def prepare_messages(request: ChatInput, messages: list[Message]) -> list[Message] | None:
+    """Edit the messages sent to the model (`request`: what the chat asks for). Implement it
+    as a wrapper:
 
     @hookimpl(wrapper=True)
     def prepare_messages(request, messages):

@@ -7,7 +7,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractContextManager, aclosing, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import structlog
@@ -19,9 +19,12 @@ from core.history import MessageRecord, Outcome, Status
 from core.providers import (
     AnswerTimeout,
     AnswerTooLong,
+    Finish,
     ModelCall,
     ProviderError,
+    Reasoning,
     ShuttingDown,
+    ToolCallDelta,
     Usage,
 )
 from core.recorder import Recorder
@@ -30,6 +33,8 @@ from core.registry import Failure, ModelRegistry, Route
 log = structlog.get_logger("chatbus.chat")
 
 Send = Callable[[str], Awaitable[None]]
+# What a transport that shows more than text is handed besides: reasoning, tool-call pieces.
+SendChunk = Callable[[Reasoning | ToolCallDelta], Awaitable[None]]
 T = TypeVar("T")
 
 
@@ -45,6 +50,9 @@ class TurnResult:
     error: ProviderError | None
     model: str  # the model that answered
     failures: tuple[Failure, ...] = ()  # the attempts before it, in order
+    finish_reason: str | None = None  # a completed turn's: `stop`, `length`, `tool_calls`, ...
+    reasoning: str = ""
+    tool_calls: tuple[dict[str, Any], ...] = ()  # OpenAI's shape: {"id", "type", "function"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,15 +101,19 @@ class ChatTurn:
     def message_id(self) -> str:
         return self.record.message_id
 
-    def run(self, send: Send | None = None) -> Coroutine[Any, Any, TurnResult]:
-        """Stream the answer to `send` (if given); store and publish how it ended. Await it,
-        or spawn it: from this call on, the run owns the turn's end.
+    def run(
+        self, send: Send | None = None, send_chunk: SendChunk | None = None
+    ) -> Coroutine[Any, Any, TurnResult]:
+        """Stream the answer's text to `send` (if given), its reasoning and tool-call pieces
+        to `send_chunk` (if given: a transport that shows text only leaves them out); store
+        and publish how it ended. Await it, or spawn it: from this call on, the run owns the
+        turn's end.
 
         On cancellation or `ClientDisconnected` the upstream call is closed at once, the
         partial text is recorded as `cancelled` in the background, and the error propagates.
         """
         self.claimed = True
-        return self._logged(self._run(send))
+        return self._logged(self._run(send, send_chunk))
 
     def run_in_background(self) -> None:
         """Run the turn with no one to send to (its end goes to the callback); shutdown's
@@ -122,10 +134,10 @@ class ChatTurn:
         ):
             return await work
 
-    async def _run(self, send: Send | None) -> TurnResult:
+    async def _run(self, send: Send | None, send_chunk: SendChunk | None) -> TurnResult:
         answer = _Answer(model=self.record.model, started=time.perf_counter())
         try:
-            await self._answer(answer, send)
+            await self._answer(answer, send, send_chunk)
         except (asyncio.CancelledError, ClientDisconnected):
             self._services.recorder.spawn(self._finish(answer, Status.CANCELLED))
             raise
@@ -135,7 +147,9 @@ class ChatTurn:
             return await self._finish(answer, Status.FAILED, exc)
         return await self._finish(answer, Status.COMPLETED)
 
-    async def _answer(self, answer: _Answer, send: Send | None) -> None:
+    async def _answer(
+        self, answer: _Answer, send: Send | None, send_chunk: SendChunk | None
+    ) -> None:
         """The answer within its time limit: the requested model's (or [chat]'s), for the
         whole of it, retries and fallbacks included, so that a turn has one bound."""
         seconds = self._time_limit()
@@ -143,32 +157,40 @@ class ChatTurn:
         try:
             async with deadline, self._services.cutoff.answering():
                 with self._checkpoints(answer):
-                    await self._try_models(answer, send)
+                    await self._try_models(answer, send, send_chunk)
         except TimeoutError:
             if not deadline.expired():
                 raise
             log.warning("answer timed out", model=answer.model, seconds=seconds)
             raise AnswerTimeout(f"the answer took longer than the limit of {seconds:g} s") from None
 
-    async def _try_models(self, answer: _Answer, send: Send | None) -> None:
+    async def _try_models(
+        self, answer: _Answer, send: Send | None, send_chunk: SendChunk | None
+    ) -> None:
         """The model, then its retries, then its fallbacks, until one answers. Once the
-        client has text, nothing is retried: a failure then fails the turn."""
+        client has something of the answer, nothing is retried: a failure then fails the
+        turn."""
 
         async def attempt(route: Route) -> None:
             answer.model = route.name
-            await self._relay(route, answer, send)
+            await self._relay(route, answer, send, send_chunk)
 
         await self._services.models.answer(
-            self.record.model, attempt, lambda: bool(answer.parts), answer.failures
+            self.record.model, attempt, answer.began, answer.failures
         )
 
-    async def _relay(self, route: Route, answer: _Answer, send: Send | None) -> None:
+    async def _relay(
+        self, route: Route, answer: _Answer, send: Send | None, send_chunk: SendChunk | None
+    ) -> None:
         """The hot path: every delta from the provider straight to the transport, until the
-        answer passes its size limit (the delta that would pass it is not sent)."""
+        answer passes its size limit (the delta that would pass it is not sent). Text comes
+        first and costs one isinstance; reasoning and tool-call pieces count toward the limit
+        too (they are held in memory as well)."""
         parts = answer.parts
         answer.usage = None  # a failed attempt's count is not this one's
+        answer.finish = None
         limit = self._size_limit(route)
-        size = 0  # characters: an attempt starts with no text (none is retried after text)
+        size = 0  # characters: an attempt starts with nothing (none is retried after output)
         try:
             async with aclosing(route.provider.stream(self.call)) as pieces:
                 async for piece in pieces:
@@ -187,6 +209,17 @@ class ChatTurn:
                             await send(piece)
                     elif isinstance(piece, Usage):
                         answer.usage = piece
+                    elif isinstance(piece, Reasoning | ToolCallDelta):
+                        size += _size(piece)
+                        if size > limit:
+                            raise AnswerTooLong(
+                                f"the answer passed the limit of {limit} characters"
+                            )
+                        piece = answer.absorb(piece, self.message_id)
+                        if send_chunk is not None:
+                            await send_chunk(piece)
+                    elif isinstance(piece, Finish):
+                        answer.finish = piece.reason
         except (ProviderError, asyncio.CancelledError, ClientDisconnected):
             raise
         except Exception as exc:  # a provider bug must not crash the turn unrecorded
@@ -215,13 +248,26 @@ class ChatTurn:
         text = "".join(answer.parts)
         latency = time.perf_counter() - answer.started
         first_token = answer.first - answer.started if answer.first is not None else None
+        finish = answer.finish_reason() if status is Status.COMPLETED else None
+        reasoning = "".join(answer.reasoning)
+        tool_calls = answer.tool_calls()
         outcome = Outcome(
-            text, status, answer.usage, latency, error.type if error else None, answer.model
+            text,
+            status,
+            answer.usage,
+            latency,
+            error.type if error else None,
+            answer.model,
+            finish_reason=finish,
+            reasoning=reasoning,
+            tool_calls=tool_calls,
         )
         event = self._end_event(answer, status, error, text, latency, first_token)
         await self._services.recorder.end(outcome, event)
-        failures = tuple(answer.failures)
-        return TurnResult(self.message_id, text, status, error, answer.model, failures)
+        return TurnResult(
+            self.message_id, text, status, error, answer.model, tuple(answer.failures),
+            finish, reasoning, tool_calls,
+        )  # fmt: skip
 
     def _end_event(
         self,
@@ -246,6 +292,7 @@ class ChatTurn:
                 usage=answer.usage,
                 latency=latency,
                 first_token_latency=first_token,
+                tool_calls=answer.tool_calls(),
                 error_type=error.type,
                 error_message=str(error),
             )
@@ -262,7 +309,22 @@ class ChatTurn:
             usage=answer.usage,
             latency=latency,
             first_token_latency=first_token,
+            finish_reason=answer.finish_reason() if status is Status.COMPLETED else None,
+            tool_calls=answer.tool_calls(),
         )
+
+
+@dataclass(slots=True)
+class _ToolCall:
+    """One tool call of the answer, its pieces joined."""
+
+    id: str
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+    def as_openai(self) -> dict[str, Any]:
+        function = {"name": self.name, "arguments": "".join(self.arguments)}
+        return {"id": self.id, "type": "function", "function": function}
 
 
 @dataclass(slots=True)
@@ -275,6 +337,52 @@ class _Answer:
     usage: Usage | None = None
     first: float | None = None
     failures: list[Failure] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    calls: dict[int, _ToolCall] = field(default_factory=dict)
+    finish: str | None = None  # as the provider said
+
+    def began(self) -> bool:
+        """Whether the client may have something of the answer (then nothing is retried)."""
+        return bool(self.parts or self.reasoning or self.calls)
+
+    def absorb(
+        self, piece: Reasoning | ToolCallDelta, message_id: str
+    ) -> Reasoning | ToolCallDelta:
+        """Keep a reasoning or tool-call piece; the piece to send on, to spec: a call's id
+        and name on its first piece only (an id made up if the upstream sent none: a client
+        needs one to answer the call)."""
+        if self.first is None:
+            self.first = time.perf_counter()
+        if isinstance(piece, Reasoning):
+            self.reasoning.append(piece.text)
+            return piece
+        call = self.calls.get(piece.index)
+        if call is None:
+            call_id = piece.id or f"call_{message_id[:12]}_{piece.index}"
+            call = self.calls[piece.index] = _ToolCall(call_id, piece.name or "")
+            if piece.id is None:
+                piece = replace(piece, id=call_id)
+        elif piece.id is not None or piece.name is not None:
+            # Some upstreams repeat them on every piece; clients join what comes again.
+            piece = replace(piece, id=None, name=None)
+        if piece.arguments:
+            call.arguments.append(piece.arguments)
+        return piece
+
+    def tool_calls(self) -> tuple[dict[str, Any], ...]:
+        return tuple(self.calls[index].as_openai() for index in sorted(self.calls))
+
+    def finish_reason(self) -> str:
+        if self.finish:
+            return self.finish
+        return "tool_calls" if self.calls else "stop"
+
+
+def _size(piece: Reasoning | ToolCallDelta) -> int:
+    """Characters a piece adds to what the turn holds."""
+    if isinstance(piece, Reasoning):
+        return len(piece.text)
+    return len(piece.arguments) + len(piece.name or "")
 
 
 class _Checkpoints:

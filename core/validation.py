@@ -38,3 +38,13 @@ def _is_type_tag(part: int | str) -> bool:
     # pydantic names the member of a union in the path ("history.list[HistoryMessage].0");
     # the input spells it "history.0".
     return isinstance(part, str) and ("[" in part or part in {"int", "str", "float", "bool"})
+
+
+def query_problem(query: str, max_chars: int | None) -> str | None:
+    """What is wrong with a user's query (blank, or longer than `max_query_chars`); None
+    when nothing is. Every transport checks its query with this."""
+    if not query.strip():
+        return "must not be empty"
+    if max_chars is not None and len(query) > max_chars:
+        return f"must be at most {max_chars} characters (got {len(query)})"
+    return None

@@ -14,12 +14,12 @@ import pytest
 
 from chatbus.testing.fake_upstream import Behaviour, FakeUpstream
 from core.chat import Caller
+from core.chat_input import ChatInput
 from core.events import ChatCompleted, ChatReceived, ChatStarted
 from core.history import MessageRecord, Status
 from core.hookspecs import hookimpl
 from core.keys import SERVICE
 from core.providers import Usage
-from core.schemas import ChatRequest
 from tests.conftest import Chatbus, StartChatbus, webhook_settings
 from tests.waiting import wait_until
 
@@ -404,7 +404,7 @@ class SystemPrompt:
     @hookimpl(wrapper=True)
     def prepare_messages(self, request: Any, messages: list[dict[str, str]]) -> Any:
         messages = yield
-        return [{"role": "system", "content": f"model={request.model_name}"}, *messages]
+        return [{"role": "system", "content": f"model={request.model}"}, *messages]
 
 
 async def test_prepare_messages_wrapper_edits_the_prompt(
@@ -681,7 +681,7 @@ async def test_a_client_that_leaves_while_its_turn_is_written_ends_it_cancelled(
 async def test_a_turn_whose_response_cannot_begin_ends_cancelled(chatbus: Chatbus) -> None:
     service = chatbus.app[SERVICE]
     with contextlib.suppress(RuntimeError):
-        async with service.start(ChatRequest(query="x"), Caller(request_id="r1")) as turn:
+        async with service.start(ChatInput(query="x"), Caller(request_id="r1")) as turn:
             raise RuntimeError("the response could not begin")  # as a failed prepare would
     (cancelled,) = await chatbus.events.wait_for("chat_cancelled")
     assert cancelled.message_id == turn.message_id

@@ -12,8 +12,8 @@ import pytest
 from core.app import open_service
 from core.auth import check_exposure
 from core.chat import Caller
+from core.chat_input import ChatInput
 from core.config import ConfigError, load_config, misnamed_overrides
-from core.schemas import ChatRequest
 from plugins.providers.echo import EchoOptions
 
 REPO = Path(__file__).parents[1]
@@ -165,7 +165,7 @@ async def test_the_container_config_serves_on_mongodb(
     config = load_config(REPO / "deploy" / "config.toml", {})
     assert (config.server.host, config.history.backend) == ("0.0.0.0", "mongo")
     check_exposure(config.server.host, config.auth)  # keys: it may listen beyond loopback
-    request = ChatRequest(query="in a box")
+    request = ChatInput(query="in a box")
     async with open_service(config) as service, service.start(request, Caller("r")) as turn:
         result = await turn.run()
     assert result.text == "in a box"

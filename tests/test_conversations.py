@@ -101,12 +101,13 @@ async def test_messages_are_oldest_first_with_every_field(chatbus: Chatbus) -> N
     one, two = body["messages"]
     assert set(one) == {
         "message_id", "query", "response", "status", "model", "usage", "latency", "error",
-        "feedback", "created_at",
+        "finish_reason", "reasoning", "tool_calls", "feedback", "created_at",
     }  # fmt: skip
     assert (one["message_id"], two["message_id"]) == (first, second)
     assert (one["query"], one["response"]) == ("hello there", "hello there")
     assert (one["status"], one["model"], one["error"]) == ("completed", "echo", None)
     assert one["feedback"] == {"score": 90, "reason": "nice"}
+    assert (one["finish_reason"], one["reasoning"], one["tool_calls"]) == ("stop", "", [])
     assert two["feedback"] is None  # no feedback: score -1 in the store
     assert isinstance(one["latency"], float) and one["latency"] >= 0
     assert 0 < one["created_at"] <= two["created_at"]

@@ -123,8 +123,10 @@ async def test_max_tokens_is_a_word_count(
 
 
 async def test_temperature_does_not_change_the_answer(http: aiohttp.ClientSession) -> None:
-    cold, _ = await run(make(http), ModelCall([{"role": "user", "content": "x y"}], 0.0))
-    hot, _ = await run(make(http), ModelCall([{"role": "user", "content": "x y"}], 2.0))
+    cold, _ = await run(
+        make(http), ModelCall([{"role": "user", "content": "x y"}], temperature=0.0)
+    )
+    hot, _ = await run(make(http), ModelCall([{"role": "user", "content": "x y"}], temperature=2.0))
     assert cold == hot == ["x ", "y"]
 
 

@@ -32,11 +32,14 @@ from core.providers import (
     AuthenticationFailed,
     BadRequest,
     ContextWindowExceeded,
+    Finish,
     MalformedResponse,
     ModelCall,
     ModelSpec,
     ProviderError,
     RateLimited,
+    Reasoning,
+    ToolCallDelta,
     UpstreamTimeout,
     UpstreamUnavailable,
     Usage,
@@ -103,7 +106,7 @@ async def collect(
     async for item in provider.stream(call or ModelCall(messages=MESSAGES)):
         if isinstance(item, Usage):
             usages.append(item)
-        else:
+        elif not isinstance(item, Finish):  # the finish reason: tested on its own
             assert isinstance(item, str)
             assert not usages, "a piece after the usage"
             pieces.append(item)
@@ -116,8 +119,9 @@ async def failure(
     pieces: list[str] = []
     with pytest.raises(ProviderError) as info:
         async for item in provider.stream(call or ModelCall(messages=MESSAGES)):
-            assert isinstance(item, str)
-            pieces.append(item)
+            if not isinstance(item, Finish):
+                assert isinstance(item, str)
+                pieces.append(item)
     return info.value, pieces
 
 
@@ -275,7 +279,8 @@ async def test_deltas_are_the_upstream_tokens_and_usage_is_reported(
 
 async def test_default_tokens_then_usage_last(upstream: FakeUpstream, key: str) -> None:
     items = [item async for item in provider_for(upstream).stream(ModelCall(MESSAGES))]
-    assert items == [*DEFAULT_TOKENS, Usage(prompt_tokens=6, completion_tokens=4)]
+    stop = Finish("stop")
+    assert items == [*DEFAULT_TOKENS, stop, Usage(prompt_tokens=6, completion_tokens=4)]
 
 
 async def test_what_the_upstream_receives(upstream: FakeUpstream, key: str) -> None:
@@ -300,7 +305,7 @@ async def test_max_tokens_none_is_not_sent(upstream: FakeUpstream, key: str) -> 
     body = upstream.received[0].body
     assert "max_tokens" not in body
     assert "max_completion_tokens" not in body
-    assert body["temperature"] == 0.7
+    assert "temperature" not in body  # absent means absent: the upstream's default applies
 
 
 async def test_max_tokens_limits_the_answer(upstream: FakeUpstream, key: str) -> None:
@@ -901,3 +906,32 @@ async def test_a_200_that_is_no_event_stream_is_malformed(
     exc, pieces = await failure(provider_for(upstream))
     assert type(exc) is MalformedResponse  # not an empty answer, and not retried
     assert pieces == []
+
+
+# Provider contract v2: reasoning, tool calls, finish reasons, parameters (#14.2)
+
+
+async def test_tool_calls_without_text_are_an_answer(upstream: FakeUpstream, key: str) -> None:
+    upstream.behaviour.tokens = []
+    upstream.behaviour.tool_calls = [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    provider = provider_for(upstream)
+    items = [item async for item in provider.stream(ModelCall(MESSAGES, tools=[{"x": 1}]))]
+    calls = [item for item in items if isinstance(item, ToolCallDelta)]
+    assert {(c.index, c.id, c.name) for c in calls if c.id} == {(0, "call_fake0", "get_weather")}
+    assert "".join(c.arguments for c in calls) == '{"city": "Paris"}'
+    assert Finish("tool_calls") in items
+    assert upstream.received[-1].body["tools"] == [{"x": 1}]
+
+
+async def test_reasoning_content_is_relayed(upstream: FakeUpstream, key: str) -> None:
+    upstream.behaviour.reasoning = ["Hm", "m."]
+    items = [item async for item in provider_for(upstream).stream(ModelCall(MESSAGES))]
+    assert "".join(i.text for i in items if isinstance(i, Reasoning)) == "Hmm."
+    assert "".join(i for i in items if isinstance(i, str)) == "".join(DEFAULT_TOKENS)
+
+
+async def test_the_finish_reason_length_is_relayed(upstream: FakeUpstream, key: str) -> None:
+    items = [
+        item async for item in provider_for(upstream).stream(ModelCall(MESSAGES, max_tokens=2))
+    ]
+    assert Finish("length") in items

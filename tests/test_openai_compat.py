@@ -20,12 +20,16 @@ from core.config import first_problem
 from core.providers import (
     AuthenticationFailed,
     BadRequest,
+    Chunk,
     ContextWindowExceeded,
+    Finish,
     MalformedResponse,
     ModelCall,
     ModelSpec,
     ProviderError,
     RateLimited,
+    Reasoning,
+    ToolCallDelta,
     UpstreamTimeout,
     UpstreamUnavailable,
     Usage,
@@ -65,7 +69,7 @@ async def collect(
     async for item in provider.stream(call or ModelCall(messages=MESSAGES)):
         if isinstance(item, Usage):
             usages.append(item)
-        else:
+        elif not isinstance(item, Finish):  # the finish reason: tested on its own
             assert isinstance(item, str)
             pieces.append(item)
     return pieces, usages
@@ -143,7 +147,8 @@ async def test_default_tokens_and_usage_comes_last(
     upstream: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
     items = [item async for item in provider_for(upstream, http).stream(ModelCall(MESSAGES))]
-    assert items == [*DEFAULT_TOKENS, Usage(prompt_tokens=6, completion_tokens=4)]
+    stop = Finish("stop")
+    assert items == [*DEFAULT_TOKENS, stop, Usage(prompt_tokens=6, completion_tokens=4)]
 
 
 async def test_request_body_and_path(upstream: FakeUpstream, http: aiohttp.ClientSession) -> None:
@@ -168,7 +173,7 @@ async def test_max_tokens_none_is_absent_from_the_body(
     body = upstream.received[0].body
     assert "max_tokens" not in body
     assert "max_completion_tokens" not in body
-    assert set(body) == {"model", "messages", "stream", "temperature", "stream_options"}
+    assert set(body) == {"model", "messages", "stream", "stream_options"}  # nothing forced
 
 
 async def test_max_tokens_limits_the_upstream_answer(
@@ -446,7 +451,6 @@ async def test_comments_event_lines_and_null_usage_are_ignored(
 @pytest.mark.parametrize(
     "bad",
     [
-        frame({"choices": [{"index": 0}]}),  # no delta
         frame([1, 2]),  # not an object
         frame({"choices": "nope"}),
     ],
@@ -528,7 +532,7 @@ async def test_an_unstreamed_json_answer_is_that_one_answer(
 ) -> None:
     upstream.behaviour = Behaviour(unstreamed=True, tokens=["One", " answer"])
     items = [item async for item in provider_for(upstream, http).stream(ModelCall(MESSAGES))]
-    assert items == ["One answer", Usage(prompt_tokens=6, completion_tokens=2)]
+    assert items == ["One answer", Finish("stop"), Usage(prompt_tokens=6, completion_tokens=2)]
     assert upstream.received[0].body["stream"] is True  # it was asked to stream
 
 
@@ -545,7 +549,7 @@ async def test_an_unstreamed_json_answer_with_another_type_is_read_by_its_conten
     items = [
         item async for item in make(http, base_url=base_url, model="m").stream(ModelCall(MESSAGES))
     ]
-    assert items == ["Hi", Usage(prompt_tokens=3, completion_tokens=1)]
+    assert items == ["Hi", Finish("stop"), Usage(prompt_tokens=3, completion_tokens=1)]
 
 
 async def test_an_unstreamed_error_body_with_200_is_an_error(
@@ -761,3 +765,82 @@ def test_timeouts_must_be_positive(http: aiohttp.ClientSession, name: str) -> No
     with pytest.raises(ValidationError) as info:
         make(http, base_url="http://127.0.0.1:1/v1", model="m", **{name: 0})
     assert [e["loc"] for e in info.value.errors()] == [(name,)]
+
+
+# Provider contract v2: reasoning, tool calls, finish reasons (#14.2)
+
+
+async def chunks_of(provider: OpenAICompatProvider) -> list[Chunk]:
+    return [item async for item in provider.stream(ModelCall(MESSAGES))]
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+@pytest.mark.parametrize("unstreamed", [False, True])
+async def test_reasoning_is_relayed_beside_the_text(
+    upstream: FakeUpstream, http: aiohttp.ClientSession, field: str, unstreamed: bool
+) -> None:
+    upstream.behaviour.reasoning = ["Let me ", "think."]
+    upstream.behaviour.reasoning_field = field
+    upstream.behaviour.unstreamed = unstreamed
+    chunks = await chunks_of(provider_for(upstream, http))
+    reasoning = "".join(c.text for c in chunks if isinstance(c, Reasoning))
+    text = "".join(c for c in chunks if isinstance(c, str))
+    assert (reasoning, text) == ("Let me think.", "".join(DEFAULT_TOKENS))
+
+
+@pytest.mark.parametrize("unstreamed", [False, True])
+async def test_tool_calls_are_relayed_with_their_finish_reason(
+    upstream: FakeUpstream, http: aiohttp.ClientSession, unstreamed: bool
+) -> None:
+    upstream.behaviour.tokens = []
+    upstream.behaviour.unstreamed = unstreamed
+    upstream.behaviour.tool_calls = [
+        {"name": "one", "arguments": '{"a": 1}'},
+        {"name": "two", "arguments": "{}"},
+    ]
+    chunks = await chunks_of(provider_for(upstream, http))
+    calls = [c for c in chunks if isinstance(c, ToolCallDelta)]
+    firsts = [c for c in calls if c.id is not None]
+    assert [(c.index, c.id, c.name) for c in firsts] == [
+        (0, "call_fake0", "one"),
+        (1, "call_fake1", "two"),
+    ]
+    joined = ["".join(c.arguments for c in calls if c.index == i) for i in (0, 1)]
+    assert joined == ['{"a": 1}', "{}"]
+    assert [c for c in chunks if isinstance(c, Finish)] == [Finish("tool_calls")]
+    assert not [c for c in chunks if isinstance(c, str)]
+
+
+@pytest.mark.parametrize("reason", ["length", "content_filter"])
+async def test_the_finish_reason_is_the_upstream_s(
+    upstream: FakeUpstream, http: aiohttp.ClientSession, reason: str
+) -> None:
+    upstream.behaviour.finish_reason = reason
+    chunks = await chunks_of(provider_for(upstream, http))
+    assert [c for c in chunks if isinstance(c, Finish)] == [Finish(reason)]
+
+
+async def test_a_chunk_without_delta_is_no_failure(
+    upstream: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    upstream.behaviour.no_delta = True
+    chunks = await chunks_of(provider_for(upstream, http))
+    assert [c for c in chunks if isinstance(c, str)] == list(DEFAULT_TOKENS)
+    assert Finish("stop") in chunks
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        {"index": "0", "function": {"arguments": "x"}},
+        {"index": 0, "function": {"name": 7}},
+        {"index": -1},
+    ],
+)
+async def test_a_malformed_tool_call_is_malformed(
+    raw_upstream: ServeRaw, http: aiohttp.ClientSession, call: dict[str, Any]
+) -> None:
+    chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}]}
+    base_url = await raw_upstream([frame(chunk), b"data: [DONE]\n\n"])
+    error = await failure(make(http, base_url=base_url, model="m"))
+    assert isinstance(error, MalformedResponse)

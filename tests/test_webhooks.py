@@ -26,6 +26,7 @@ from standardwebhooks import Webhook
 
 from core.app import create_app, make_store, open_service
 from core.chat import Caller
+from core.chat_input import ChatInput
 from core.config import Config, ConfigError, load_config
 from core.errors import CallbackNotAllowed
 from core.events import ChatCompleted, Event
@@ -34,7 +35,6 @@ from core.hookspecs import hookimpl
 from core.keys import CONFIG
 from core.outbox import Delivery, DeliveryStatus, Outbox
 from core.plugins import make_plugin_manager
-from core.schemas import ChatRequest
 from core.server import start
 from plugins.history_sqlite.store import SqliteStore
 from plugins.transports.webhook import options
@@ -794,7 +794,7 @@ async def test_without_the_webhook_plugin_no_callback_is_accepted(tmp_path: Any)
     pm.unregister(name="plugins.transports.webhook")
     config = make_config(tmp_path)
     async with open_service(config, pm) as service:
-        request = ChatRequest(query="x", callback_url="http://127.0.0.1:9/")
+        request = ChatInput(query="x", callback_url="http://127.0.0.1:9/")
         with pytest.raises(CallbackNotAllowed, match="no plugin here delivers callbacks"):
             async with service.start(request, Caller(request_id="r")):
                 pass

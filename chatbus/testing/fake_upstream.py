@@ -98,6 +98,20 @@ class Behaviour:
     """Answer with one ``chat.completion`` JSON body even when the request asks to stream."""
     usage_values: dict[str, Any] | None = None
     """Report these usage fields as they are (``"x"``, -1, 1e25, True), streamed or not."""
+    reasoning: list[str] | None = None
+    """Reasoning pieces, sent before the text as ``reasoning_field`` (streamed: one delta
+    each; unstreamed: joined, in the message)."""
+    reasoning_field: str = "reasoning_content"
+    """``reasoning_content`` (DeepSeek, vLLM before its rename) or ``reasoning`` (vLLM now)."""
+    tool_calls: list[dict[str, str]] | None = None
+    """Calls ``{"name", "arguments"}`` the answer makes, after its text, with finish reason
+    ``tool_calls``; streamed as OpenAI does: index on every delta, id, type and name on the
+    first, the arguments in pieces of ``argument_piece`` characters."""
+    argument_piece: int = 4
+    finish_reason: str | None = None
+    """The finish reason to send (``length``, ``content_filter``); None: as the answer says."""
+    no_delta: bool = False
+    """Streaming: the last chunk (the finish) has no ``delta`` at all."""
 
 
 @dataclass
@@ -275,6 +289,9 @@ class FakeUpstream:
             if b.raw_body is not None:
                 return web.Response(body=b.raw_body, content_type=b.raw_type)
             pieces, finish = _pieces(b, body)
+            if b.tool_calls:
+                finish = "tool_calls"
+            finish = b.finish_reason or finish
             if body.get("stream") and not b.unstreamed:
                 return await self._stream(request, b, body, pieces, finish)
             return await self._complete(request, b, body, pieces, finish)
@@ -309,18 +326,20 @@ class FakeUpstream:
         if b.error_event_after is not None:
             body_bytes = orjson.dumps(_error_event(b.fail_message))
             return web.Response(body=body_bytes, content_type="application/json")
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces) or None}
+        if b.reasoning is not None:
+            message[b.reasoning_field] = "".join(b.reasoning)
+        if b.tool_calls:
+            message["tool_calls"] = [
+                {"id": _call_id(i), "type": "function", "function": dict(call)}
+                for i, call in enumerate(b.tool_calls)
+            ]
         answer: dict[str, Any] = {
             "id": f"chatcmpl-fake{next(_ids)}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model", MODEL_ID),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(pieces)},
-                    "finish_reason": finish,
-                }
-            ],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
         }
         if b.usage:
             answer["usage"] = _usage_of(b, body, len(pieces))
@@ -378,6 +397,8 @@ class FakeUpstream:
                 await _unended_line(write, b.long_line)
                 await resp.write_eof()
                 return resp
+            for reasoning in b.reasoning or ():
+                await write(_delta_frame(head, {b.reasoning_field: reasoning}))
             for i in range(n + 1):
                 if i and b.delay:
                     await asyncio.sleep(b.delay)  # the pace between pieces
@@ -395,7 +416,12 @@ class FakeUpstream:
                     break
                 await write((prefix if i else first_prefix) + dumps(pieces[i]) + _PIECE_SUFFIX)
                 self.pieces_sent += 1
-            last = dict(head, choices=[{"index": 0, "delta": {}, "finish_reason": finish}])
+            for delta in _tool_call_deltas(b):
+                await write(_delta_frame(head, delta))
+            ending: dict[str, Any] = {"index": 0, "delta": {}, "finish_reason": finish}
+            if b.no_delta:
+                del ending["delta"]
+            last = dict(head, choices=[ending])
             await write(b"data: " + dumps(last) + b"\n\n")
             if want_usage:
                 tail = dict(head, choices=[], usage=_usage_of(b, body, n))
@@ -409,6 +435,30 @@ class FakeUpstream:
         finally:
             self.open_streams -= 1
         return resp
+
+
+def _call_id(index: int) -> str:
+    return f"call_fake{index}"
+
+
+def _delta_frame(head: dict[str, Any], delta: dict[str, Any]) -> bytes:
+    choice = {"index": 0, "delta": delta, "finish_reason": None}
+    return b"data: " + orjson.dumps(dict(head, choices=[choice])) + b"\n\n"
+
+
+def _tool_call_deltas(b: Behaviour) -> list[dict[str, Any]]:
+    """The streamed deltas of the answer's tool calls, as OpenAI sends them."""
+    deltas: list[dict[str, Any]] = []
+    size = max(b.argument_piece, 1)
+    for index, call in enumerate(b.tool_calls or ()):
+        first = {"name": call["name"], "arguments": ""}
+        opening = {"index": index, "id": _call_id(index), "type": "function", "function": first}
+        deltas.append({"tool_calls": [opening]})
+        arguments = call.get("arguments", "")
+        for start in range(0, len(arguments), size):
+            piece = {"arguments": arguments[start : start + size]}
+            deltas.append({"tool_calls": [{"index": index, "function": piece}]})
+    return deltas
 
 
 async def _forever(write: Write, frames: list[bytes], delay: float) -> None:

@@ -81,6 +81,7 @@ class MongoStore:
         }
         if outcome.model is not None:
             changes["model"] = outcome.model
+        changes.update({f"meta.{key}": value for key, value in outcome.answer_meta().items()})
         with reachable():
             await self._messages.update_one({"_id": message_id}, {"$set": changes})
         # Not one transaction (that needs a replica set), but the very next write.

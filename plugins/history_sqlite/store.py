@@ -110,7 +110,7 @@ class SqliteStore:
     ) -> None:
         update = (
             "UPDATE messages SET response = ?, status = ?, usage = ?, latency = ?, error = ?,"
-            " model = coalesce(?, model) WHERE message_id = ?",
+            " model = coalesce(?, model), meta = json_patch(meta, ?) WHERE message_id = ?",
             (
                 outcome.response,
                 outcome.status,
@@ -118,6 +118,7 @@ class SqliteStore:
                 outcome.latency,
                 outcome.error,
                 outcome.model,
+                orjson.dumps(outcome.answer_meta()).decode(),
                 message_id,
             ),
         )

@@ -12,7 +12,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.hookspecs import hookimpl
-from core.providers import ModelCall, ModelSpec, Usage
+from core.providers import Chunk, ModelCall, ModelSpec, Usage, message_text
 
 WORDS = re.compile(r"\s*\S+\s*|\s+")  # every character lands in exactly one piece
 
@@ -26,8 +26,9 @@ class EchoProvider:
     def __init__(self, options: EchoOptions) -> None:
         self.delay = options.delay
 
-    async def stream(self, call: ModelCall) -> AsyncGenerator[str | Usage, None]:
-        last = next((m["content"] for m in reversed(call.messages) if m["role"] == "user"), "")
+    async def stream(self, call: ModelCall) -> AsyncGenerator[Chunk, None]:
+        users = (m for m in reversed(call.messages) if m["role"] == "user")
+        last = next((message_text(m) for m in users), "")
         words = WORDS.findall(last)
         if call.max_tokens is not None:
             words = words[: call.max_tokens]
@@ -35,7 +36,7 @@ class EchoProvider:
             if self.delay:
                 await asyncio.sleep(self.delay)
             yield word
-        prompt = sum(len(WORDS.findall(m["content"])) for m in call.messages)
+        prompt = sum(len(WORDS.findall(message_text(m))) for m in call.messages)
         yield Usage(prompt_tokens=prompt, completion_tokens=len(words))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import difflib
 import importlib
 import importlib.util
@@ -25,7 +26,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextvars import ContextVar
 from types import ModuleType
 from typing import Any
@@ -40,12 +41,16 @@ from core.providers import (
     CONTEXT_HINTS,
     AuthenticationFailed,
     BadRequest,
+    Chunk,
     ContextWindowExceeded,
+    Finish,
     MalformedResponse,
     ModelCall,
     ModelSpec,
     ProviderError,
     RateLimited,
+    Reasoning,
+    ToolCallDelta,
     UpstreamTimeout,
     UpstreamUnavailable,
     Usage,
@@ -225,7 +230,7 @@ async def close_shared_session() -> None:
 class LiteLLMProvider:
     def __init__(self, options: LiteLLMOptions) -> None:
         self.options = options
-        # Everything but the messages, temperature, max_tokens and key: built once.
+        # Everything but the messages, the caller's parameters and the key: built once.
         fixed: dict[str, Any] = {
             **options.extra,
             "model": options.model,
@@ -258,18 +263,16 @@ class LiteLLMProvider:
         # None: litellm's own conventions apply (OPENAI_API_KEY, AWS_*, ...)
         return key_from_env(self.options.api_key_env)
 
-    async def stream(self, call: ModelCall) -> AsyncGenerator[str | Usage, None]:
+    async def stream(self, call: ModelCall) -> AsyncGenerator[Chunk, None]:
         litellm = _litellm or await load_litellm()
         key = self._key()
         kwargs = {
             **self._fixed,
+            **call.given(),  # absent means absent: the upstream's defaults apply
             "messages": call.messages,
-            "temperature": call.temperature,
             "stream_options": {"include_usage": True},  # a fresh one: litellm may edit it
             "shared_session": shared_session(),
         }
-        if call.max_tokens is not None:
-            kwargs["max_tokens"] = call.max_tokens
         if key is not None:
             kwargs["api_key"] = key
         # litellm sends the usage in a chunk of its own once the upstream's answer is over;
@@ -291,11 +294,18 @@ class LiteLLMProvider:
                 choices = chunk.choices
                 if choices:
                     choice = choices[0]
-                    content = choice.delta.content
+                    delta = choice.delta
+                    content = delta.content
                     if content:
                         said = True
                         yield content
-                    finished = finished or bool(choice.finish_reason)
+                    # A stream of tool calls (or reasoning) and no text is an answer too.
+                    for piece in _beside_text(delta):
+                        said = True
+                        yield piece
+                    if choice.finish_reason:
+                        finished = True
+                        yield Finish(str(choice.finish_reason))
                 found = getattr(chunk, "usage", None)
                 if found is not None:
                     usage = found
@@ -327,7 +337,37 @@ class LiteLLMProvider:
             )
         counts = Usage.of(usage)
         if counts is not None:
-            yield counts
+            yield _without_made_up_details(counts)
+
+
+def _without_made_up_details(usage: Usage) -> Usage:
+    """litellm reports every detail, 0 when the upstream said nothing of it: a 0 is unknown."""
+    return dataclasses.replace(
+        usage,
+        cached_tokens=usage.cached_tokens or None,
+        reasoning_tokens=usage.reasoning_tokens or None,
+    )
+
+
+def _beside_text(delta: Any) -> Iterator[Reasoning | ToolCallDelta]:
+    """A litellm delta's reasoning (`reasoning_content`, litellm's name for every
+    provider's) and tool-call pieces."""
+    reasoning = getattr(delta, "reasoning_content", None)
+    if isinstance(reasoning, str) and reasoning:
+        yield Reasoning(reasoning)
+    for call in getattr(delta, "tool_calls", None) or ():
+        function = getattr(call, "function", None)
+        index = getattr(call, "index", 0)
+        name = getattr(function, "name", None)
+        arguments = getattr(function, "arguments", None)
+        if type(index) is not int or index < 0:
+            raise MalformedResponse("the upstream sent a tool call without a valid index")
+        yield ToolCallDelta(
+            index,
+            getattr(call, "id", None) or None,
+            name if isinstance(name, str) and name else None,
+            arguments if isinstance(arguments, str) else "",
+        )
 
 
 def unknown_options(litellm: ModuleType, options: LiteLLMOptions) -> dict[str, str | None]:

@@ -4,7 +4,7 @@ no per-chunk objects beyond the dict orjson makes."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -19,12 +19,16 @@ from core.providers import (
     CONTEXT_HINTS,
     AuthenticationFailed,
     BadRequest,
+    Chunk,
     ContextWindowExceeded,
+    Finish,
     MalformedResponse,
     ModelCall,
     ModelSpec,
     ProviderError,
     RateLimited,
+    Reasoning,
+    ToolCallDelta,
     UpstreamTimeout,
     UpstreamUnavailable,
     Usage,
@@ -38,6 +42,7 @@ log = structlog.get_logger("chatbus.openai_compat")
 EVENT_STREAM = "text/event-stream"
 # What the other lines of an event stream begin with (`\r`: a blank line ended by CRLF).
 OTHER_SSE_LINES = (b":", b"event:", b"id:", b"retry:", b"\r")
+NO_DELTA: dict[str, Any] = {}  # read only
 
 
 class OpenAICompatOptions(BaseModel):
@@ -83,18 +88,16 @@ class OpenAICompatProvider:
     def _body(self, call: ModelCall) -> bytes:
         body: dict[str, Any] = {
             **self.options.extra_body,
+            **call.given(),  # absent means absent: the upstream's defaults apply
             "model": self.options.model,
             "messages": call.messages,
             "stream": True,
-            "temperature": call.temperature,
         }
-        if call.max_tokens is not None:
-            body["max_tokens"] = call.max_tokens
         if self.options.include_usage:
             body["stream_options"] = {"include_usage": True}
         return orjson.dumps(body)
 
-    async def stream(self, call: ModelCall) -> AsyncGenerator[str | Usage, None]:
+    async def stream(self, call: ModelCall) -> AsyncGenerator[Chunk, None]:
         headers = self._headers()
         try:
             async with self.http.post(
@@ -134,11 +137,17 @@ class OpenAICompatProvider:
                         choices = chunk.get("choices")
                         if choices:
                             choice = choices[0]
-                            content = choice["delta"].get("content")
+                            delta = choice.get("delta") or NO_DELTA  # some send none at the end
+                            content = delta.get("content")
                             if content:
                                 yield content
-                            if choice.get("finish_reason"):
+                            if len(delta) > (content is not None) + ("role" in delta):
+                                for piece in _beside_text(delta):
+                                    yield piece
+                            reason = choice.get("finish_reason")
+                            if reason:
                                 finished = True
+                                yield Finish(str(reason))
                         elif "error" in chunk:
                             raise _error_from_body(0, chunk["error"])
                         usage = chunk.get("usage")
@@ -202,14 +211,55 @@ async def _whole(reads: AsyncIterator[bytes], limit: int) -> bytes:
     return bytes(body)
 
 
-def _completion(body: bytes) -> list[str | Usage]:
-    """The text and usage of one unstreamed answer (a `chat.completion`): a whole answer."""
+def _completion(body: bytes) -> list[Chunk]:
+    """The chunks of one unstreamed answer (a `chat.completion`): a whole answer."""
     answer = _parse(body)
     if "error" in answer and not answer.get("choices"):
         raise _error_from_body(0, answer["error"])
-    content = answer["choices"][0]["message"].get("content")
+    choice = answer["choices"][0]
+    message = choice.get("message") or NO_DELTA
+    chunks: list[Chunk] = list(_beside_text(message, numbered=True))
+    if message.get("content"):
+        chunks.append(message["content"])
+    if choice.get("finish_reason"):
+        chunks.append(Finish(str(choice["finish_reason"])))
     usage = Usage.of(answer.get("usage"))
-    return [item for item in (content, usage) if item]
+    if usage is not None:
+        chunks.append(usage)
+    return chunks
+
+
+def _beside_text(delta: dict[str, Any], numbered: bool = False) -> Iterator[Chunk]:
+    """A delta's (or a whole message's) reasoning and tool calls. Reasoning comes as
+    `reasoning_content` (DeepSeek, vLLM before its rename) or `reasoning` (vLLM now); a
+    whole message's calls carry no index: their position is theirs (`numbered`)."""
+    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+    if reasoning:
+        yield Reasoning(_text(reasoning, "reasoning"))
+    for position, call in enumerate(delta.get("tool_calls") or ()):
+        yield _tool_call(call, position if numbered else None)
+
+
+def _tool_call(call: dict[str, Any], position: int | None) -> ToolCallDelta:
+    index = call.get("index", position) if position is None else position
+    if type(index) is not int or index < 0:
+        raise MalformedResponse("the upstream sent a tool call without a valid index")
+    function = call.get("function") or NO_DELTA
+    return ToolCallDelta(
+        index,
+        _text(call.get("id"), "tool call id") or None,
+        _text(function.get("name"), "tool name") or None,
+        _text(function.get("arguments"), "tool arguments"),
+    )
+
+
+def _text(value: object, what: str) -> str:
+    """A string field of the upstream's answer; None is ""; anything else is malformed."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise MalformedResponse(f"the upstream sent a {what} that is not a string")
+    return value
 
 
 def _check_lengths(lines: list[bytes], pending: bytes, limit: int) -> None:

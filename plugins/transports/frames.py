@@ -15,18 +15,21 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from core.turn import ChatTurn, ClientDisconnected, TurnResult
+from core.turn import ChatTurn, ClientDisconnected, SendChunk, TurnResult
 
 HELD_LIMIT = 64 * 1024  # bytes a BurstWriter holds at most: past it, a burst is written
 Closing = Callable[[TurnResult], Awaitable[bytes]]
 
 
-async def stream_turn(frames: FrameWriter, turn: ChatTurn, closing: Closing) -> None:
-    """The streaming skeleton of every SSE transport: run the turn into `frames`, then write
-    the frames `closing` makes of how it ended (a finish, an error); a client gone meanwhile
-    is no error (the turn is recorded as cancelled)."""
+async def stream_turn(
+    frames: FrameWriter, turn: ChatTurn, closing: Closing, send_chunk: SendChunk | None = None
+) -> None:
+    """The streaming skeleton of every SSE transport: run the turn into `frames` (its text;
+    its reasoning and tool-call pieces to `send_chunk`, if given), then write the frames
+    `closing` makes of how it ended (a finish, an error); a client gone meanwhile is no
+    error (the turn is recorded as cancelled)."""
     try:
-        result = await turn.run(frames.send)
+        result = await turn.run(frames.send, send_chunk)
         await frames.end(await closing(result))
     except ClientDisconnected:
         pass
@@ -87,8 +90,11 @@ class BurstWriter(FrameWriter):
         self._failed: BaseException | None = None
 
     async def send(self, text: str) -> None:
+        await self.send_frame(self._head + orjson.dumps(text) + self._tail)
+
+    async def send_frame(self, frame: bytes) -> None:
+        """A whole frame (not a text delta's), in order with the deltas' frames."""
         self._raise_if_failed()
-        frame = self._head + orjson.dumps(text) + self._tail
         if self._in_burst or self._flushing is not None:
             self._held.append(frame)
             self._held_size += len(frame)

@@ -18,19 +18,33 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from core.chat import ChatService
+from core.chat_input import ChatInput, stored_turns_wanted
 from core.config import ChatConfig
 from core.errors import UnknownModel
 from core.history import StoreUnavailable
 from core.hookspecs import hookimpl
 from core.keys import CONFIG, SERVICE
-from core.providers import ProviderError, ShuttingDown
+from core.providers import (
+    GenerationParams,
+    Message,
+    ProviderError,
+    Reasoning,
+    ShuttingDown,
+    ToolCallDelta,
+)
 from core.routes import caller_of
-from core.schemas import ChatRequest
 from core.turn import ChatTurn, TurnResult
-from core.validation import problem_of
+from core.validation import query_problem
 from core.web import ApiError, answer_errors_as, json_response, read_body
 from plugins.transports.frames import BurstWriter, stream_turn
 
@@ -38,29 +52,95 @@ SEPARATOR = b"\n\n"  # what OpenAI sends
 DONE = b"data: [DONE]" + SEPARATOR
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# Content parts a provider may take besides text (OpenAI's names), and the key each needs.
+PART_KEYS = {"text": "text", "image_url": "image_url", "input_audio": "input_audio", "file": "file"}
+# Fields chatbus cannot honour: a 400 naming each beats an answer that silently lacks it.
+REFUSED = {
+    "logprobs": "log probabilities are not relayed by chatbus",
+    "top_logprobs": "log probabilities are not relayed by chatbus",
+    "functions": "the deprecated functions API is not supported: send `tools`",
+    "function_call": "the deprecated functions API is not supported: send `tool_choice`",
+    "audio": "audio answers are not supported",
+}
+
+
+class ToolCallParam(BaseModel):
+    """An assistant's earlier tool call, as the client sends it back."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: Literal["function"] = "function"
+    function: dict[str, Any]
+
+    @field_validator("function")
+    @classmethod
+    def _named(cls, function: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(function.get("name"), str):
+            raise ValueError("a tool call's function needs a name")
+        return function
+
+
 class CompletionMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str
+    """One message in OpenAI's shape; sent on as the client sent it (what it set, and any
+    other key), but for `developer` (sent as `system`) and a list of text parts only (their
+    texts, one a line)."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallParam] | None = None
+    tool_call_id: str | None = Field(None, validate_default=True)
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _answers_a_call(cls, tool_call_id: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("role") == "tool" and not tool_call_id:
+            raise ValueError("a tool message answers a call: it needs the call's id")
+        return tool_call_id
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_of(cls, content: object) -> object:
-        """A list of content parts becomes their text, one part a line; None is ""."""
-        if content is None:
-            return ""
+    def _parts(cls, content: object) -> object:
         if not isinstance(content, list):
             return content
-        texts = []
         for part in content:
-            if not (
-                isinstance(part, dict)
-                and part.get("type") == "text"
-                and isinstance(part.get("text"), str)
-            ):
-                raise ValueError('only text parts {"type": "text", "text": "..."} are supported')
-            texts.append(part["text"])
-        return "\n".join(texts)
+            key = PART_KEYS.get(str(part.get("type"))) if isinstance(part, dict) else None
+            if key is None or not part.get(key):
+                raise ValueError(
+                    "content parts are {type: text | image_url | input_audio | file} objects,"
+                    " each with its own field"
+                )
+            if key == "image_url" and not isinstance(part["image_url"].get("url"), str):
+                raise ValueError("an image_url part needs its url")
+        if all(part["type"] == "text" for part in content):
+            return "\n".join(str(part["text"]) for part in content)
+        return content
+
+    @model_validator(mode="after")
+    def _role_fields(self) -> CompletionMessage:
+        if self.content is None and not self.tool_calls:
+            self.content = ""  # as a missing content has always been read
+        return self
+
+    def as_sent(self) -> Message:
+        message = self.model_dump(exclude_unset=True)
+        message["content"] = self.content
+        if self.role == "developer":  # OpenAI's newer name; other servers know `system`
+            message["role"] = "system"
+        return message
+
+    def attachments(self) -> tuple[dict[str, Any], ...]:
+        """The parts besides text (images, audio, files)."""
+        if not isinstance(self.content, list):
+            return ()
+        return tuple(part for part in self.content if part["type"] != "text")
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "\n".join(part["text"] for part in self.content if part["type"] == "text")
+        return self.content or ""
 
 
 class StreamOptions(BaseModel):
@@ -69,27 +149,93 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    """OpenAI's request body, the fields chatbus uses; any other is ignored."""
+    """OpenAI's request body: the generation parameters in `params()` (typed, or any other
+    field passed through as is), chatbus's own fields, and REFUSED ones answered 400."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None  # None: the configured default model
     messages: list[CompletionMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None
+    n: int | None = None  # one choice only: see _one_choice
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None  # OpenAI's newer name: wins over max_tokens
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    user: str | None = None
+    # REFUSED
+    logprobs: Any = None
+    top_logprobs: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
     # chatbus's own fields
     conversation_id: str = ""
     history_len: int | None = None  # None: [chat] default_history_len
     prompt_name: str = "default"
+
+    @field_validator("tools")
+    @classmethod
+    def _functions(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for tool in tools or ():
+            function = tool.get("function")
+            if tool.get("type") != "function" or not isinstance(function, dict):
+                raise ValueError('each tool is {"type": "function", "function": {...}}')
+            if not isinstance(function.get("name"), str):
+                raise ValueError("each tool's function needs a name")
+        return tools
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int | None) -> int | None:
+        if n not in (None, 1):
+            raise ValueError("chatbus answers with one choice: n must be 1")
+        return n
+
+    @field_validator(*REFUSED)
+    @classmethod
+    def _refused(cls, value: object, info: ValidationInfo) -> object:
+        if value not in (None, False):
+            raise ValueError(REFUSED[str(info.field_name)])
+        return value
+
+    def params(self) -> GenerationParams:
+        max_tokens = (
+            self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+        )
+        return GenerationParams(
+            temperature=self.temperature,
+            max_tokens=max_tokens if max_tokens is not None and max_tokens > 0 else None,
+            top_p=self.top_p,
+            stop=self.stop,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=self.logit_bias,
+            tools=self.tools,
+            tool_choice=self.tool_choice,
+            parallel_tool_calls=self.parallel_tool_calls,
+            response_format=self.response_format,
+            user=self.user,
+            extra=self.model_extra or {},
+        )
 
 
 @hookimpl
 def register_routes(app: web.Application, router: web.UrlDispatcher) -> None:
     router.add_post("/v1/chat/completions", chat_completions)
     router.add_get("/v1/models", list_models)
+    router.add_get("/v1/models/{id}", get_model)
     answer_errors_as(app, "/v1/", openai_error)
 
 
@@ -132,8 +278,19 @@ def error_response(
 
 async def list_models(request: web.Request) -> web.Response:
     names = request.app[SERVICE].models.names
-    data = [{"id": name, "object": "model", "created": 0, "owned_by": "chatbus"} for name in names]
-    return json_response({"object": "list", "data": data})
+    return json_response({"object": "list", "data": [model_object(name) for name in names]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    name = request.match_info["id"]
+    if request.app[SERVICE].models.get(name) is None:
+        message = f"The model '{name[:128]}' does not exist"
+        return error_response(404, "model_not_found", message, "model")
+    return json_response(model_object(name))
+
+
+def model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "chatbus"}
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -141,8 +298,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     body = await read_body(request, CompletionRequest)
     model = body.model or service.default_model
-    chat_request = to_chat_request(body, model, config.chat)
-    async with service.start(chat_request, caller_of(request)) as turn:
+    chat_input = to_chat_input(body, model, config.chat)
+    async with service.start(chat_input, caller_of(request)) as turn:
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return await stream(request, service, turn, include_usage)
@@ -172,8 +329,8 @@ async def complete(service: ChatService, turn: ChatTurn) -> web.Response:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
-                    "finish_reason": "stop",
+                    "message": answer_message(result),
+                    "finish_reason": result.finish_reason,
                 }
             ],
             "usage": await usage_of(service, turn),
@@ -182,41 +339,64 @@ async def complete(service: ChatService, turn: ChatTurn) -> web.Response:
     )
 
 
-def to_chat_request(body: CompletionRequest, model: str, chat: ChatConfig) -> ChatRequest:
-    """The last message is the query, the ones before it the history."""
-    *earlier, last = body.messages
-    last_index = len(earlier)
-    if last.role != "user":
-        raise ApiError(
-            400,
-            "validation_error",
-            "messages: the last message must be the user's",
-            field="messages",
-        )
-    data: dict[str, Any] = {
-        "query": last.content,
-        "history": [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.content}
-            for m in earlier
-        ],
-        "conversation_id": body.conversation_id,
-        "history_len": (chat.default_history_len if body.history_len is None else body.history_len),
-        "stream": body.stream,
-        "model_name": model,
-        "max_tokens": (
-            body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-        ),
-        "prompt_name": body.prompt_name,
-    }
-    if body.temperature is not None:
-        data["temperature"] = body.temperature
-    try:
-        return ChatRequest.model_validate(data, context={"max_query_chars": chat.max_query_chars})
-    except ValidationError as exc:
-        problem = problem_of(exc)
-        param = {"query": f"messages.{last_index}.content"}.get(problem.field, problem.field)
-        message = f"{param}: {problem.message}"
-        raise ApiError(400, "validation_error", message, field=param) from None
+def answer_message(result: TurnResult) -> dict[str, Any]:
+    """The whole answer as OpenAI's assistant message: content null when it is only tool
+    calls; the reasoning under both names clients read."""
+    message: dict[str, Any] = {"role": "assistant", "content": result.text}
+    if result.tool_calls:
+        message["content"] = result.text or None
+        message["tool_calls"] = list(result.tool_calls)
+    if result.reasoning:
+        message["reasoning_content"] = message["reasoning"] = result.reasoning
+    return message
+
+
+def to_chat_input(body: CompletionRequest, model: str, chat: ChatConfig) -> ChatInput:
+    """The last message is the query (a user's), the ones before it the history; or the
+    messages after the last assistant's are tool results, which the turn answers."""
+    messages = body.messages
+    history_len = chat.default_history_len if body.history_len is None else body.history_len
+    results = trailing_tool_results(messages)
+    earlier = messages[: len(messages) - (len(results) or 1)]
+    history = tuple(message.as_sent() for message in earlier)
+    last = messages[-1]
+    query = ""
+    attachments: tuple[dict[str, Any], ...] = ()
+    if not results:
+        if last.role != "user":
+            raise invalid("messages", "the last message must be the user's (or a tool's)")
+        query = last.text()
+        attachments = last.attachments()
+        problem = query_problem(query, chat.max_query_chars) if query or not attachments else None
+        if problem is not None:  # an image alone is a query
+            raise invalid(f"messages.{len(earlier)}.content", problem)
+    return ChatInput(
+        query=query,
+        history=history,
+        conversation_id=body.conversation_id,
+        history_len=stored_turns_wanted(body.conversation_id, history, history_len),
+        model=model,
+        prompt_name=body.prompt_name,
+        stream=body.stream,
+        params=body.params(),
+        attachments=attachments,
+        tool_results=tuple(message.as_sent() for message in results),
+    )
+
+
+def trailing_tool_results(messages: list[CompletionMessage]) -> list[CompletionMessage]:
+    """The tool messages that end the conversation (answers to the last tool calls)."""
+    count = 0
+    for message in reversed(messages):
+        if message.role != "tool":
+            break
+        count += 1
+    return messages[len(messages) - count :]
+
+
+def invalid(param: str, problem: str) -> ApiError:
+    """A request field chatbus cannot take: a 400 naming it."""
+    return ApiError(400, "validation_error", f"{param}: {problem}", field=param)
 
 
 async def stream(
@@ -242,11 +422,30 @@ async def stream(
     async def ending(result: TurnResult) -> bytes:
         return await closing(service, turn, result, chunk, include_usage)
 
+    async def send_chunk(piece: Reasoning | ToolCallDelta) -> None:
+        choice = {"index": 0, "delta": delta_of(piece), "finish_reason": None}
+        await frames.send_frame(frame({**chunk, "choices": [choice]}))
+
     async with response:  # stops the keep-alive pings, whatever happens
         with contextlib.suppress(ConnectionResetError):  # if gone, the first delta says so
             await response.write(frame({**chunk, "choices": [{**opening, "finish_reason": None}]}))
-        await stream_turn(frames, turn, ending)
+        await stream_turn(frames, turn, ending, send_chunk)
     return response
+
+
+def delta_of(piece: Reasoning | ToolCallDelta) -> dict[str, Any]:
+    """A reasoning or tool-call piece as OpenAI's delta: reasoning under both names clients
+    read; a call's index on every piece, its id, type and name on its first."""
+    if isinstance(piece, Reasoning):
+        return {"reasoning_content": piece.text, "reasoning": piece.text}
+    call: dict[str, Any] = {"index": piece.index}
+    function: dict[str, Any] = {"arguments": piece.arguments}
+    if piece.id is not None:
+        call["id"], call["type"] = piece.id, "function"
+    if piece.name is not None:
+        function = {"name": piece.name, **function}
+    call["function"] = function
+    return {"tool_calls": [call]}
 
 
 async def closing(
@@ -261,7 +460,8 @@ async def closing(
         error = error_body(failed_status(result.error), result.error.type, str(result.error))
         return frame(error) + DONE
     chunk = {**chunk, "model": result.model}
-    finish = frame({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    last = {"index": 0, "delta": {}, "finish_reason": result.finish_reason}
+    finish = frame({**chunk, "choices": [last]})
     if include_usage:
         finish += frame({**chunk, "choices": [], "usage": await usage_of(service, turn)})
     return finish + DONE
@@ -275,17 +475,19 @@ def frame(data: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(data) + SEPARATOR
 
 
-async def usage_of(service: ChatService, turn: ChatTurn) -> dict[str, int]:
-    """The token counts stored with the turn; zeros when unknown."""
+async def usage_of(service: ChatService, turn: ChatTurn) -> dict[str, Any]:
+    """The token counts stored with the turn (zeros when unknown), and the details known."""
     try:
         record = await service.store.get_message(turn.record.tenant, turn.message_id)
     except StoreUnavailable:
         record = None
     usage = record.usage if record is not None else None
-    prompt = (usage.prompt_tokens or 0) if usage is not None else 0
-    completion = (usage.completion_tokens or 0) if usage is not None else 0
+    if usage is None:
+        return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    prompt, completion = usage.prompt_tokens or 0, usage.completion_tokens or 0
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        **usage.details(),
     }

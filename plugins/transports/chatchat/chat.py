@@ -25,9 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.keys import CONFIG, SERVICE
 from core.providers import ProviderError, ShuttingDown
 from core.routes import caller_of
-from core.schemas import ChatRequest
 from core.turn import ChatTurn, TurnResult
 from core.web import json_response, read_body
+from plugins.transports.chatchat.schemas import ChatRequest
 from plugins.transports.frames import FrameWriter, stream_turn
 
 log = structlog.get_logger("chatbus.chatchat")
@@ -101,7 +101,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
             default_model=config.default_model,
         )
     service = request.app[SERVICE]
-    async with service.start(body, caller_of(request)) as turn:
+    async with service.start(body.chat_input(), caller_of(request)) as turn:
         return await answer(request, turn, body)
 
 

@@ -7,8 +7,8 @@ from pydantic import Field
 
 from core.keys import SERVICE
 from core.routes import caller_of
-from core.schemas import ChatchatBody
 from core.web import json_response, read_body
+from plugins.transports.chatchat.schemas import ChatchatBody
 
 
 class FeedbackRequest(ChatchatBody):

@@ -22,8 +22,8 @@ from yarl import URL
 
 from core.config import Config, ModelConfig
 from core.keys import CONFIG
-from core.schemas import ChatchatBody, ChatRequest
 from core.web import ApiError, json_response, read_body
+from plugins.transports.chatchat.schemas import ChatchatBody, ChatRequest
 
 LOCAL_KINDS = frozenset({"echo", "openai_compat"})
 SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "auth", "header")

@@ -87,6 +87,9 @@ def register_lifespans(app: web.Application, register: Any) -> None:
 
 def _data(event: Event) -> dict[str, object]:
     data = dataclasses.asdict(event)
+    usage = getattr(event, "usage", None)
+    if usage is not None:
+        data["usage"] = usage.counts()  # OpenAI's names; details only when known
     if event.hook in END_EVENTS:
         data["status"] = event.hook.removeprefix("chat_")
     return data

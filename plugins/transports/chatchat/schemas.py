@@ -1,10 +1,15 @@
-"""Request bodies, validated with pydantic at the edge (never per token)."""
+"""chatchat's request bodies, validated with pydantic at the edge (never per token), and
+the chat input a `/chat/chat` body asks for."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from core.chat_input import ChatInput, stored_turns_wanted
+from core.providers import GenerationParams
+from core.validation import query_problem
 
 # chatchat's own names for the two sides of a conversation (its `History`, langchain's roles)
 ROLE_ALIASES = {"human": "user", "ai": "assistant"}
@@ -62,11 +67,9 @@ class ChatRequest(ChatchatBody):
     @field_validator("query")
     @classmethod
     def _query_not_blank(cls, query: str, info: ValidationInfo) -> str:
-        if not query.strip():
-            raise ValueError("must not be empty")
-        limit = (info.context or {}).get("max_query_chars")
-        if limit is not None and len(query) > limit:
-            raise ValueError(f"must be at most {limit} characters (got {len(query)})")
+        problem = query_problem(query, (info.context or {}).get("max_query_chars"))
+        if problem is not None:
+            raise ValueError(problem)
         return query
 
     @field_validator("history", mode="before")
@@ -81,13 +84,23 @@ class ChatRequest(ChatchatBody):
     def _non_positive_is_none(cls, max_tokens: int | None) -> int | None:
         return max_tokens if max_tokens is not None and max_tokens > 0 else None
 
-    def turns_to_read(self) -> int:
-        """How many past turns to read from the store: none when the history is given.
-        System messages alone are instructions, not history: the stored turns follow them."""
-        if not self.conversation_id:
-            return 0
+    def chat_input(self) -> ChatInput:
+        """What this body asks the chat service for: a list is the history, an integer N
+        reads N stored turns; chatchat's own temperature default (0.7) is sent."""
+        history = self.history if isinstance(self.history, list) else []
+        messages = tuple(message.model_dump() for message in history)
         if isinstance(self.history, int):
-            return max(self.history, 0)
-        if any(message.role != "system" for message in self.history):
-            return 0
-        return max(self.history_len, 0)
+            wanted = stored_turns_wanted(self.conversation_id, (), self.history)
+        else:
+            wanted = stored_turns_wanted(self.conversation_id, messages, self.history_len)
+        return ChatInput(
+            query=self.query,
+            history=messages,
+            conversation_id=self.conversation_id,
+            history_len=wanted,
+            model=self.model_name,
+            prompt_name=self.prompt_name,
+            callback_url=self.callback_url,
+            stream=self.stream,
+            params=GenerationParams(temperature=self.temperature, max_tokens=self.max_tokens),
+        )
