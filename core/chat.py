@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pluggy
 import structlog
@@ -113,7 +114,7 @@ class ChatService:
             model=model,
             tenant=caller.tenant,
             created_at=time.time(),
-            meta={"callback_url": request.callback_url} if request.callback_url else {},
+            meta=_meta(request),
         )
         turn = ChatTurn(self._turns, record, caller.request_id)
         ids = turn.identity
@@ -175,8 +176,17 @@ class ChatService:
         limit = min(request.history_len, self.config.max_history_turns)
         if limit <= 0 or not request.conversation_id:
             return messages
-        turns = await self.store.recent_turns(tenant, request.conversation_id, limit)
-        for turn in turns:
-            messages.append({"role": "user", "content": turn.query})
-            messages.append({"role": "assistant", "content": turn.response})
+        for turn in await self.store.recent_turns(tenant, request.conversation_id, limit):
+            messages.extend(turn.messages())
         return messages
+
+
+def _meta(request: ChatInput) -> dict[str, Any]:
+    """What the record keeps beside the query: where to call back, the tool results the turn
+    answers (replayed with it as history)."""
+    meta: dict[str, Any] = {}
+    if request.callback_url:
+        meta["callback_url"] = request.callback_url
+    if request.tool_results:
+        meta["tool_results"] = list(request.tool_results)
+    return meta

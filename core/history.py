@@ -76,8 +76,31 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Turn:
+    """A past turn as history: what asked (the query, or the tool results it answered) and
+    what answered (the text, and the tool calls the model made)."""
+
     query: str
     response: str
+    tool_results: tuple[dict[str, Any], ...] = ()
+    tool_calls: tuple[dict[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, query: str, response: str, meta: dict[str, Any]) -> Turn:
+        """From a stored record's fields (its `meta` holds the tool results and calls)."""
+        results, calls = meta.get("tool_results") or (), meta.get("tool_calls") or ()
+        return cls(query, response, tuple(results), tuple(calls))
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The turn replayed as OpenAI-shaped messages."""
+        asked = list(self.tool_results) or [{"role": "user", "content": self.query}]
+        answer: dict[str, Any] = {"role": "assistant", "content": self.response}
+        if self.tool_calls:
+            answer = {
+                **answer,
+                "content": self.response or None,
+                "tool_calls": list(self.tool_calls),
+            }
+        return [*asked, answer]
 
 
 @dataclass(frozen=True, slots=True)

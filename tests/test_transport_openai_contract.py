@@ -305,3 +305,72 @@ async def test_the_stored_turn_holds_the_whole_answer(
     assert message["response"] == "Hello from fake upstream"  # no reasoning in the text
     assert (message["finish_reason"], message["reasoning"]) == ("tool_calls", "Hm.")
     assert message["tool_calls"] == [{"id": "call_fake0", "type": "function", "function": CALL}]
+
+
+async def test_an_agent_loop_runs_on_server_side_memory(
+    client: AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    """Only the new messages each time: the stored turns replay the assistant's tool calls and
+    the tool's results in order (conversation_id and history_len, chatbus's extra fields)."""
+    memory = {"conversation_id": "agent-1", "history_len": 10}
+    upstream.behaviour.tokens = []
+    upstream.behaviour.tool_calls = [CALL]
+    first = await client.chat.completions.create(
+        model="fake", messages=[ASK], tools=[WEATHER], extra_body=memory
+    )
+    (call,) = first.choices[0].message.tool_calls or []
+
+    upstream.behaviour.tool_calls = None
+    upstream.behaviour.tokens = ["Sunny", " in Paris"]
+    result: ChatCompletionMessageParam = {
+        "role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear"}'
+    }  # fmt: skip
+    second = await client.chat.completions.create(
+        model="fake", messages=[result], tools=[WEATHER], extra_body=memory
+    )
+    assert second.choices[0].message.content == "Sunny in Paris"
+    called = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": call.id, "type": "function", "function": CALL}],
+    }
+    assert upstream.received[-1].body["messages"] == [ASK, called, result]
+
+    upstream.behaviour.tokens = ["Take a hat."]
+    again: ChatCompletionMessageParam = {"role": "user", "content": "What should I wear?"}
+    await client.chat.completions.create(model="fake", messages=[again], extra_body=memory)
+    answered = {"role": "assistant", "content": "Sunny in Paris"}
+    assert upstream.received[-1].body["messages"] == [ASK, called, result, answered, again]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+async def test_litellm_as_a_client_gets_tool_calls_and_the_finish_reason(
+    chatbus: Chatbus, upstream: FakeUpstream
+) -> None:
+    from plugins.providers.litellm import close_shared_session, load_litellm
+
+    litellm = await load_litellm()
+    upstream.behaviour.tokens = []
+    upstream.behaviour.tool_calls = [CALL]
+    try:
+        response = await litellm.acompletion(
+            model="openai/fake",
+            api_base=chatbus.url + "/v1",
+            api_key="unused",
+            messages=[ASK],
+            tools=[WEATHER],
+            stream=True,
+            num_retries=0,
+        )
+        chunks = [chunk async for chunk in response]
+    finally:
+        await close_shared_session()
+    whole = litellm.stream_chunk_builder(chunks, messages=[ASK])
+    (choice,) = whole.choices
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == (
+        "get_weather",
+        {"city": "Paris"},
+    )
+    assert upstream.received[-1].body["tools"] == [WEATHER]

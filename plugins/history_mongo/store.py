@@ -93,13 +93,17 @@ class MongoStore:
         query = {
             "tenant": tenant,
             "conversation_id": conversation_id,
-            "response": {"$ne": ""},
+            # A turn that answered with tool calls alone has no text, and is history too.
+            "$or": [{"response": {"$ne": ""}}, {"meta.tool_calls.0": {"$exists": True}}],
             "status": {"$in": [str(status) for status in READABLE]},
         }
+        projection = {"query": 1, "response": 1, "meta.tool_calls": 1, "meta.tool_results": 1}
         with reachable():
-            cursor = self._messages.find(query, {"query": 1, "response": 1})
+            cursor = self._messages.find(query, projection)
             rows = await cursor.sort("seq", DESCENDING).limit(limit).to_list(None)
-        return [Turn(row["query"], row["response"]) for row in reversed(rows)]
+        return [
+            Turn.of(row["query"], row["response"], row.get("meta") or {}) for row in reversed(rows)
+        ]
 
     async def get_message(self, tenant: str, message_id: str) -> MessageRecord | None:
         with reachable():

@@ -125,14 +125,18 @@ class SqliteStore:
         await self._worker.write_many([update, *outbox.inserts(deliveries)])
 
     async def recent_turns(self, tenant: str, conversation_id: str, limit: int) -> list[Turn]:
+        # A turn that answered with tool calls alone has no text, and is history too.
         rows = await self._read(
-            "SELECT query, response FROM messages"
-            " WHERE tenant = ? AND conversation_id = ? AND response != ''"
+            "SELECT query, response, meta FROM messages"
+            " WHERE tenant = ? AND conversation_id = ?"
+            " AND (response != '' OR json_extract(meta, '$.tool_calls') IS NOT NULL)"
             f" AND status IN ({', '.join('?' * len(READABLE))})"
             " ORDER BY seq DESC LIMIT ?",
             (tenant, conversation_id, *READABLE, max(limit, 0)),
         )
-        return [Turn(query, response) for query, response in reversed(rows)]
+        return [
+            Turn.of(query, response, orjson.loads(meta)) for query, response, meta in reversed(rows)
+        ]
 
     async def get_message(self, tenant: str, message_id: str) -> MessageRecord | None:
         rows = await self._read(
