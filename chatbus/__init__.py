@@ -42,6 +42,7 @@ from core.history import (
 )
 from core.hookspecs import PROJECT, Lifespan, hookimpl
 from core.keys import CONFIG, METRICS, PLUGINS, SERVICE
+from core.openapi import Content, ResponseModel, operation
 from core.outbox import Delivery, DeliveryStatus, Outbox
 from core.providers import (
     CONTEXT_HINTS,
@@ -104,6 +105,7 @@ __all__ = [
     "ClientDisconnected",
     "Config",
     "ConfigError",
+    "Content",
     "ContextWindowExceeded",
     "Conversation",
     "Delivery",
@@ -126,6 +128,7 @@ __all__ = [
     "ProviderError",
     "ProviderFactory",
     "RateLimited",
+    "ResponseModel",
     "Status",
     "StoreUnavailable",
     "Turn",
@@ -142,6 +145,7 @@ __all__ = [
     "hookimpl",
     "json_response",
     "key_from_env",
+    "operation",
     "plugin_settings",
     "read_body",
     "redacted",
