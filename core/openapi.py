@@ -17,13 +17,18 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from core.web import error_schema_for
+from core.web import BODY_METHODS, error_schema_for
 
 OPENAPI_VERSION = "3.1.0"
 REF_TEMPLATE = "#/components/schemas/{model}"
 SECURITY_SCHEME = "apiKey"
 _ATTRIBUTE = "__chatbus_operation__"
 _PATH_PARAMETER = re.compile(r"{(\w+)}")
+# What core/guards.py answers any request with a body, before its route runs.
+BODY_ERRORS = {
+    413: "The body is larger than `[server] max_body_bytes`.",
+    415: "A body that is not sent as `Content-Type: application/json`.",
+}
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -183,7 +188,7 @@ def _operation_object(
         found["parameters"] = parameters
     if described.request is not None:
         found["requestBody"] = _request_body(described.request, schemas)
-    found["responses"] = _responses(path, described, schemas)
+    found["responses"] = _responses(path, method, described, schemas)
     if described.public:
         found["security"] = []
     return found
@@ -195,7 +200,7 @@ def _request_body(model: type[BaseModel], schemas: _Schemas) -> dict[str, Any]:
     return {"required": required, "content": {"application/json": {"schema": schemas.ref(model)}}}
 
 
-def _responses(path: str, described: Operation, schemas: _Schemas) -> dict[str, Any]:
+def _responses(path: str, method: str, described: Operation, schemas: _Schemas) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for status, value in described.responses.items():
         bodies = _bodies(value)
@@ -206,6 +211,8 @@ def _responses(path: str, described: Operation, schemas: _Schemas) -> dict[str, 
     errors: dict[int, str | type[BaseModel]] = dict(described.errors)
     if not described.public:
         errors.setdefault(401, "A valid API key is needed (when keys are configured).")
+    if method.upper() in BODY_METHODS:
+        errors = {**BODY_ERRORS, **errors}
     for status, error in sorted(errors.items()):
         model = schemas.error_models[path] if isinstance(error, str) else error
         description = error if isinstance(error, str) else _description(error)

@@ -27,6 +27,7 @@ log = structlog.get_logger("chatbus.web")
 M = TypeVar("M", bound=BaseModel)
 REQUEST_ID = web.RequestKey("request_id", str)
 TENANT = web.RequestKey("tenant", str)  # set by core/auth.py
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # the requests whose body is read
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
