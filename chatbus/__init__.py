@@ -43,6 +43,7 @@ from core.history import (
 )
 from core.hookspecs import PROJECT, Lifespan, hookimpl
 from core.keys import CONFIG, METRICS, PLUGINS, SERVICE
+from core.openapi import Content, ResponseModel, operation
 from core.outbox import Delivery, DeliveryStatus, Outbox
 from core.providers import (
     CONTEXT_HINTS,
@@ -110,6 +111,7 @@ __all__ = [
     "ClientDisconnected",
     "Config",
     "ConfigError",
+    "Content",
     "ContextWindowExceeded",
     "Conversation",
     "Delivery",
@@ -135,6 +137,7 @@ __all__ = [
     "ProviderFactory",
     "RateLimited",
     "Reasoning",
+    "ResponseModel",
     "Status",
     "StoreUnavailable",
     "ToolCallDelta",
@@ -153,6 +156,7 @@ __all__ = [
     "json_response",
     "key_from_env",
     "message_text",
+    "operation",
     "plugin_settings",
     "read_body",
     "redacted",

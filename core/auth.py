@@ -1,7 +1,8 @@
-"""API keys and tenants. With `[auth] keys` configured, every request but the health checks
-carries `Authorization: Bearer <key>`; the key names its tenant, and the tenant scopes
-everything stored. Keys are kept only as SHA-256 digests (from the file, or hashed from an
-environment variable at start-up) and never logged."""
+"""API keys and tenants. With `[auth] keys` configured, every request carries
+`Authorization: Bearer <key>`, but those to the routes marked `@operation(public=True)`
+(core/openapi.py: the health checks, the API's docs); the key names its tenant, and the
+tenant scopes everything stored. Keys are kept only as SHA-256 digests (from the file, or
+hashed from an environment variable at start-up) and never logged."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import structlog
 from aiohttp import web
 
 from core.config import AuthConfig, ConfigError
+from core.openapi import is_public
 from core.web import TENANT, ApiError
 
 DEFAULT_TENANT = "default"
-OPEN_PATHS = frozenset({"/health/live", "/health/ready"})
 
 
 def digest(key: str) -> str:
@@ -44,7 +45,7 @@ def middleware(auth: AuthConfig) -> Any:
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
-        if tenants and request.path not in OPEN_PATHS:
+        if tenants and not is_public(request.match_info.handler):
             scheme, _, key = request.headers.get("Authorization", "").partition(" ")
             tenant = tenants.get(digest(key.strip())) if scheme.lower() == "bearer" else None
             if tenant is None:

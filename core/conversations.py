@@ -13,8 +13,9 @@ from typing import Any
 from aiohttp import web
 
 from core.chat import Caller
-from core.history import Conversation, HistoryStore, MessageRecord
+from core.history import Conversation, HistoryStore, MessageRecord, Status
 from core.keys import SERVICE
+from core.openapi import ResponseModel, operation
 from core.web import ApiError, json_response
 
 CONVERSATIONS_LIMIT, CONVERSATIONS_MAX = 20, 100
@@ -23,6 +24,81 @@ OFFSET_MAX = 1_000_000_000  # beyond any real count; keeps the value in every st
 _INTEGER = re.compile(r"-?[0-9]{1,12}")
 
 CallerOf = Callable[[web.Request], Caller]
+
+
+class ConversationSummary(ResponseModel):
+    conversation_id: str
+    turns: int
+    first_query: str
+    created_at: float
+    updated_at: float
+
+
+class Page(ResponseModel):
+    limit: int
+    offset: int
+    next_offset: int | None  # null on the last page
+
+
+class ConversationsPage(Page):
+    """The caller's conversations, the most recently active first."""
+
+    conversations: list[ConversationSummary]
+
+
+class Feedback(ResponseModel):
+    score: int
+    reason: str
+
+
+class TokenCounts(ResponseModel):
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cached_tokens: int | None = None  # of the prompt, when the upstream said
+    reasoning_tokens: int | None = None  # of the completion, when the upstream said
+
+
+class StoredMessage(ResponseModel):
+    message_id: str
+    query: str
+    response: str
+    status: Status
+    model: str
+    usage: TokenCounts | None
+    latency: float | None
+    error: str | None
+    feedback: Feedback | None
+    created_at: float
+    finish_reason: str | None  # a completed turn's, as the model said
+    reasoning: str  # the model's thinking, never in `response`
+    tool_calls: list[dict[str, Any]]  # OpenAI's shape: {"id", "type", "function"}
+
+
+class MessagesPage(Page):
+    """A conversation's turns, oldest first."""
+
+    conversation_id: str
+    messages: list[StoredMessage]
+
+
+class Deleted(ResponseModel):
+    """How many turns were deleted."""
+
+    conversation_id: str
+    deleted: int
+
+
+def page_parameters(default_limit: int, max_limit: int) -> dict[str, dict[str, Any]]:
+    """`limit` and `offset`, as /openapi.json describes them (`_page` reads them)."""
+    return {
+        "limit": {"type": "integer", "minimum": 1, "maximum": max_limit, "default": default_limit},
+        "offset": {"type": "integer", "minimum": 0, "maximum": OFFSET_MAX, "default": 0},
+    }
+
+
+BAD_PAGE = "limit or offset out of range"
+NOT_FOUND = "The caller has no such conversation."
+STORE_DOWN = "The history store is unavailable."
 
 
 def add_routes(router: web.UrlDispatcher, caller_of: CallerOf) -> None:
@@ -37,6 +113,13 @@ class ConversationRoutes:
     def __init__(self, caller_of: CallerOf) -> None:
         self._caller_of = caller_of
 
+    @operation(
+        "List conversations",
+        responses={200: ConversationsPage},
+        query=page_parameters(CONVERSATIONS_LIMIT, CONVERSATIONS_MAX),
+        errors={422: BAD_PAGE, 503: STORE_DOWN},
+        tags=["conversations"],
+    )
     async def list_conversations(self, request: web.Request) -> web.Response:
         """The caller's conversations, the most recently active first, paged."""
         limit, offset = _page(request, CONVERSATIONS_LIMIT, CONVERSATIONS_MAX)
@@ -49,6 +132,13 @@ class ConversationRoutes:
             }
         )
 
+    @operation(
+        "A conversation's turns",
+        responses={200: MessagesPage},
+        query=page_parameters(MESSAGES_LIMIT, MESSAGES_MAX),
+        errors={404: NOT_FOUND, 422: BAD_PAGE, 503: STORE_DOWN},
+        tags=["conversations"],
+    )
     async def list_messages(self, request: web.Request) -> web.Response:
         """A conversation's turns, oldest first, paged; 404 when the caller has none."""
         limit, offset = _page(request, MESSAGES_LIMIT, MESSAGES_MAX)
@@ -68,6 +158,12 @@ class ConversationRoutes:
             }
         )
 
+    @operation(
+        "Delete a conversation",
+        responses={200: Deleted},
+        errors={404: NOT_FOUND, 503: STORE_DOWN},
+        tags=["conversations"],
+    )
     async def delete_conversation(self, request: web.Request) -> web.Response:
         """Delete a conversation's turns: 200 with how many, or 404 when there were none."""
         tenant = self._caller_of(request).tenant

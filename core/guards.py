@@ -17,9 +17,8 @@ from aiohttp import hdrs, web
 
 from core.auth import is_loopback
 from core.config import Config, split_authority
-from core.web import ApiError
+from core.web import BODY_METHODS, ApiError
 
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 ANY_HOST = "*"
 
 

@@ -27,6 +27,7 @@ BUILTIN_PLUGINS = (
     "plugins.providers.litellm",
     "plugins.providers.openai_compat",
     "plugins.transports.chatchat",
+    "plugins.transports.docs",
     "plugins.transports.openai",
     "plugins.transports.webhook",
 )

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import orjson
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from core.errors import (
     CallbackNotAllowed,
@@ -27,6 +27,7 @@ log = structlog.get_logger("chatbus.web")
 M = TypeVar("M", bound=BaseModel)
 REQUEST_ID = web.RequestKey("request_id", str)
 TENANT = web.RequestKey("tenant", str)  # set by core/auth.py
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # the requests whose body is read
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -58,16 +59,46 @@ class ApiError(Exception):
         return {"error": error, "code": self.status, "msg": self.message, **self.extra}
 
 
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str
+    message: str
+    field: str | None = None  # the request's field at fault, when one is
+
+
+class ErrorBody(BaseModel):
+    """chatbus's error (`ApiError.body`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    error: ErrorDetail
+    code: int  # the HTTP status
+    msg: str  # the message again, where chatchat's webui reads it
+
+
 # How an error is answered: chatbus's own shape, unless a transport with a wire format of its
 # own claimed the path's prefix (`answer_errors_as`), so that its clients read every error,
 # the ones raised before its handler runs (a missing API key, an unknown path) included.
 ErrorShape = Callable[[ApiError], web.Response]
 ERROR_SHAPES = web.AppKey("error_shapes", dict[str, ErrorShape])
+# The model of each shape's body, for /openapi.json (None: not described).
+ERROR_SCHEMAS = web.AppKey("error_schemas", dict[str, type[BaseModel] | None])
 
 
-def answer_errors_as(app: web.Application, prefix: str, shape: ErrorShape) -> None:
-    """Answer the errors of every path under `prefix` (e.g. "/v1/") with `shape`."""
+def answer_errors_as(
+    app: web.Application, prefix: str, shape: ErrorShape, schema: type[BaseModel] | None = None
+) -> None:
+    """Answer the errors of every path under `prefix` (e.g. "/v1/") with `shape`, whose
+    bodies `schema` describes in /openapi.json."""
     app.setdefault(ERROR_SHAPES, {})[prefix] = shape
+    app.setdefault(ERROR_SCHEMAS, {})[prefix] = schema
+
+
+def error_schema_for(app: web.Application, path: str) -> type[BaseModel] | None:
+    """The model of the error bodies answered under `path`."""
+    for prefix, schema in app.get(ERROR_SCHEMAS, {}).items():
+        if path.startswith(prefix):
+            return schema
+    return ErrorBody
 
 
 def chatbus_error(error: ApiError) -> web.Response:

@@ -22,6 +22,7 @@ from prometheus_client import (
 from core.events import ChatEnded, ChatStarted
 from core.hookspecs import hookimpl
 from core.keys import METRICS, PLUGINS
+from core.openapi import Content, operation
 from core.web import ApiError
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -94,6 +95,11 @@ class Metrics:
         if app[METRICS] is self.registry:  # this app's, not another's in the same process
             register(self.count)
 
+    @operation(
+        "Prometheus metrics",
+        responses={200: Content(CONTENT_TYPE_LATEST.split(";")[0], "Prometheus' text format.")},
+        tags=["health"],
+    )
     async def handle(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -34,6 +34,7 @@ from core.errors import UnknownModel
 from core.history import StoreUnavailable
 from core.hookspecs import hookimpl
 from core.keys import CONFIG, SERVICE
+from core.openapi import Content, ResponseModel, operation
 from core.providers import (
     GenerationParams,
     Message,
@@ -231,12 +232,96 @@ class CompletionRequest(BaseModel):
         )
 
 
+class OpenAIErrorDetail(ResponseModel):
+    message: str
+    type: str  # invalid_request_error, rate_limit_error or api_error
+    param: str | None
+    code: str  # chatbus's error type
+
+
+class TurnIds(ResponseModel):
+    message_id: str
+    conversation_id: str
+
+
+class FailedTurn(TurnIds):
+    text: str  # what the model said before it failed
+
+
+class OpenAIError(ResponseModel):
+    """OpenAI's error object."""
+
+    error: OpenAIErrorDetail
+    chatbus: FailedTurn | None = None  # a failed answer's turn
+
+
+class ChatbusFailure(OpenAIError):
+    """The model failed, after chatbus's own retries and fallbacks (`x-should-retry: false`):
+    OpenAI's error object, and the turn under `chatbus`."""
+
+
+class AssistantMessage(ResponseModel):
+    role: Literal["assistant"]
+    content: str | None  # null when the answer is tool calls alone
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's shape: {"id", "type", "function"}
+    reasoning_content: str | None = None  # the model's thinking (DeepSeek's name)
+    reasoning: str | None = None  # the same (vLLM's newer name)
+
+
+class Choice(ResponseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+
+
+class TokenUsage(ResponseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: dict[str, int] | None = None  # cached_tokens, when known
+    completion_tokens_details: dict[str, int] | None = None  # reasoning_tokens, when known
+
+
+class ChatCompletion(ResponseModel):
+    """The whole answer (`stream` false)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str  # the model that answered
+    choices: list[Choice]
+    usage: TokenUsage
+    chatbus: TurnIds
+
+
+class ModelCard(ResponseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(ResponseModel):
+    """The configured models, in OpenAI's shape."""
+
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+COMPLETION_CHUNKS = Content(
+    "text/event-stream",
+    "The answer streamed (`stream` true): `data: <chat.completion.chunk>` frames, the usage"
+    " chunk when `stream_options.include_usage`, an error object if the model fails, then"
+    " `data: [DONE]`.",
+)
+
+
 @hookimpl
 def register_routes(app: web.Application, router: web.UrlDispatcher) -> None:
     router.add_post("/v1/chat/completions", chat_completions)
     router.add_get("/v1/models", list_models)
     router.add_get("/v1/models/{id}", get_model)
-    answer_errors_as(app, "/v1/", openai_error)
+    answer_errors_as(app, "/v1/", openai_error, OpenAIError)
 
 
 def openai_error(error: ApiError) -> web.Response:
@@ -276,11 +361,18 @@ def error_response(
     return json_response({**error_body(status, code, message, param), **extra}, status, headers)
 
 
+@operation("The configured models", responses={200: ModelList}, tags=["openai"])
 async def list_models(request: web.Request) -> web.Response:
     names = request.app[SERVICE].models.names
     return json_response({"object": "list", "data": [model_object(name) for name in names]})
 
 
+@operation(
+    "One configured model",
+    responses={200: ModelCard},
+    errors={404: "No model of that name is configured."},
+    tags=["openai"],
+)
 async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["id"]
     if request.app[SERVICE].models.get(name) is None:
@@ -293,6 +385,18 @@ def model_object(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": "chatbus"}
 
 
+@operation(
+    "Chat, OpenAI's way",
+    request=CompletionRequest,
+    responses={200: (ChatCompletion, COMPLETION_CHUNKS)},
+    errors={
+        400: "An invalid body (OpenAI answers every bad input with 400).",
+        404: "An unknown model.",
+        502: ChatbusFailure,
+        503: "The history store is unavailable, or chatbus is shutting down.",
+    },
+    tags=["openai"],
+)
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     service = request.app[SERVICE]

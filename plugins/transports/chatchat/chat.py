@@ -23,10 +23,11 @@ from aiohttp_sse import EventSourceResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.keys import CONFIG, SERVICE
+from core.openapi import Content, ResponseModel, operation
 from core.providers import ProviderError, ShuttingDown
 from core.routes import caller_of
 from core.turn import ChatTurn, TurnResult
-from core.web import json_response, read_body
+from core.web import ErrorDetail, json_response, read_body
 from plugins.transports.chatchat.schemas import ChatRequest
 from plugins.transports.frames import FrameWriter, stream_turn
 
@@ -89,6 +90,51 @@ class ChatchatChatRequest(ChatRequest):
     model: Any = Field(None, exclude=True)
 
 
+class ChatAnswer(ResponseModel):
+    """The whole answer (`stream` false)."""
+
+    text: str
+    message_id: str
+
+
+class Accepted(ResponseModel):
+    """Accepted (`callback_url` given): the end of the chat is delivered to the callback."""
+
+    message_id: str
+    status: Literal["accepted"]
+
+
+class ChatFailure(ResponseModel):
+    """The model failed (502) or chatbus is shutting down (503): what it said before, and
+    chatbus's error with chatchat's `code` and `msg`. A stream's last frame, if it fails."""
+
+    text: str
+    message_id: str
+    error: ErrorDetail
+    code: int
+    msg: str
+
+
+ANSWER_FRAMES = Content(
+    "text/event-stream",
+    'The answer streamed (`stream` true): `data: {"text": "<delta>", "message_id": "<id>"}`'
+    ' frames (bare JSON objects with `frames = "json"`), a last `ChatFailure` frame if the'
+    " model fails.",
+)
+
+
+@operation(
+    "Chat, chatchat 0.2.x's way",
+    request=ChatRequest,
+    responses={200: (ChatAnswer, ANSWER_FRAMES), 202: Accepted},
+    errors={
+        400: "Invalid JSON, an unknown model or prompt, or a callback URL not allowed.",
+        422: "An invalid field (named by `error.field`).",
+        502: ChatFailure,
+        503: "The history store is unavailable, or chatbus is shutting down.",
+    },
+    tags=["chatchat"],
+)
 async def chat(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     body = await read_body(

@@ -17,11 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from pydantic import Field
+from pydantic import Field, RootModel
 from yarl import URL
 
 from core.config import Config, ModelConfig
 from core.keys import CONFIG
+from core.openapi import ResponseModel, operation
 from core.web import ApiError, json_response, read_body
 from plugins.transports.chatchat.schemas import ChatchatBody, ChatRequest
 
@@ -43,6 +44,36 @@ class PromptTemplate(ChatchatBody):
     name: str = "default"
 
 
+class ChatchatReply(ResponseModel):
+    """chatchat's answer: `data` holds what was asked for."""
+
+    code: int
+    msg: str
+    data: Any = None
+
+
+class ServerConfigs(ResponseModel):
+    """chatbus's public settings, under chatchat's names where it has one."""
+
+    code: int
+    msg: str
+    LLM_MODELS: list[str]
+    TEMPERATURE: float
+    PROMPT_TEMPLATES: dict[str, dict[str, str]]
+    api_address: str
+    default_model: str
+    max_query_chars: int
+    history_backend: str
+
+
+class TemplateText(RootModel[str]):
+    """The template's text."""
+
+
+TAGS = ["chatchat webui"]
+NOT_FOUND = "No such model or template."
+
+
 def add_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/llm_model/list_running_models", list_running_models)
     router.add_post("/llm_model/list_config_models", list_config_models)
@@ -58,12 +89,20 @@ def success(data: Any) -> web.Response:
     return json_response({"code": 200, "msg": "success", "data": data})
 
 
+@operation("The running models", responses={200: ChatchatReply}, tags=TAGS)
 async def list_running_models(request: web.Request) -> web.Response:
     """Every configured model, the default first (chatchat's webui picks the first)."""
     config = request.app[CONFIG]
     return success({name: public_config(config, name) for name in model_names(config)})
 
 
+@operation(
+    "The configured models, local and online",
+    request=ModelTypes,
+    responses={200: ChatchatReply},
+    errors={422: "An invalid field."},
+    tags=TAGS,
+)
 async def list_config_models(request: web.Request) -> web.Response:
     body = await read_body(request, ModelTypes)
     config = request.app[CONFIG]
@@ -77,6 +116,13 @@ async def list_config_models(request: web.Request) -> web.Response:
     return success(data)
 
 
+@operation(
+    "A model's configuration, without secrets",
+    request=ModelName,
+    responses={200: ChatchatReply},
+    errors={404: NOT_FOUND, 422: "An invalid field."},
+    tags=TAGS,
+)
 async def get_model_config(request: web.Request) -> web.Response:
     body = await read_body(request, ModelName)
     config = request.app[CONFIG]
@@ -91,6 +137,12 @@ async def get_model_config(request: web.Request) -> web.Response:
     return success(public_config(config, body.model_name))
 
 
+@operation(
+    "Not here: chatbus loads no models itself",
+    responses={},
+    errors={501: "Always: change [models] in the configuration instead."},
+    tags=TAGS,
+)
 async def not_here(request: web.Request) -> web.Response:
     raise ApiError(
         501,
@@ -100,6 +152,7 @@ async def not_here(request: web.Request) -> web.Response:
     )
 
 
+@operation("chatbus's public settings", responses={200: ServerConfigs}, tags=TAGS)
 async def server_configs(request: web.Request) -> web.Response:
     """chatbus's public settings, under chatchat's names where it has one (chatchat answers
     this route with its settings themselves, not in a `data` field: so does chatbus)."""
@@ -119,10 +172,18 @@ async def server_configs(request: web.Request) -> web.Response:
     )
 
 
+@operation("The search engines (none)", responses={200: ChatchatReply}, tags=TAGS)
 async def list_search_engines(request: web.Request) -> web.Response:
     return success([])  # chatbus has no search-engine chat
 
 
+@operation(
+    "A prompt template's text",
+    request=PromptTemplate,
+    responses={200: TemplateText},
+    errors={404: NOT_FOUND, 422: "An invalid field."},
+    tags=TAGS,
+)
 async def get_prompt_template(request: web.Request) -> web.Response:
     """The template's text, as a JSON string (what chatchat's server answers)."""
     body = await read_body(request, PromptTemplate)
