@@ -92,8 +92,10 @@ class ChatService:
         store: HistoryStore,
         bus: EventBus,
         hooks: pluggy.HookRelay,
+        instance_id: str = "",
     ) -> None:
         self.app_config = config
+        self.instance_id = instance_id  # this process, in the store's leases and its turns
         self.config = config.chat
         self.default_model = config.default_model
         self.models = models
@@ -158,6 +160,7 @@ class ChatService:
             tenant=caller.tenant,
             created_at=time.time(),
             meta={"callback_url": request.callback_url} if request.callback_url else {},
+            instance_id=self.instance_id,
         )
         turn = ChatTurn(self, record, caller.request_id)
         ids = turn.identity
@@ -261,12 +264,14 @@ class ChatService:
                     log.info("stored the end of a turn after retrying", message_id=message_id)
                     return
         except asyncio.CancelledError:
-            # Shutting down while the store still fails: the log is the answer's last copy.
+            # Shutting down while the store still fails: the turn stays `streaming` under
+            # this instance, whose lease expires, and a live instance ends it `interrupted`
+            # with the answer as far as its last checkpoint.
             log.error(
                 "could not store the end of a turn before shutting down",
                 message_id=message_id,
                 status=outcome.status,
-                response=outcome.response,
+                answer_chars=len(outcome.response),  # never the text: a log is no store
             )
             raise
 

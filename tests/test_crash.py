@@ -30,6 +30,9 @@ default_model = "slow"
 [chat]
 checkpoint_seconds = 0.2
 callback_hosts = ["127.0.0.1:{receiver_port}"]
+[history]
+lease_seconds = 2           # the killed instance's turns are ended 2 s after its last beat
+heartbeat_seconds = 0.5
 [history.sqlite]
 path = "crash.db"
 [webhook_delivery]
