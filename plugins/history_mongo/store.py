@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo.errors import ExecutionTimeout
 
 from core.history import (
     READABLE,
@@ -31,6 +32,7 @@ from plugins.history_mongo.errors import reachable
 from plugins.history_mongo.outbox import MongoOutbox
 
 log = structlog.get_logger("chatbus.history_mongo")
+LOCKED_WAIT_MS = 500  # how long a claim waits for a turn that another write holds
 FIELDS = (
     "conversation_id", "tenant", "chat_type", "query", "response", "status", "model",
     "latency", "error", "feedback_score", "feedback_reason", "meta", "created_at",
@@ -243,7 +245,7 @@ class MongoStore:
         # The instances are read after the turns: an instance's lease is written before its
         # first turn, so a turn seen here has its instance's lease seen too (if it lives).
         streaming = {"status": str(Status.STREAMING)}
-        claimed = []
+        claimed: list[MessageRecord] = []
         with reachable():
             holders = await self._messages.distinct("instance_id", streaming)
             live = await self._instances.distinct(
@@ -254,17 +256,38 @@ class MongoStore:
                 **streaming,
                 "$or": [{"instance_id": {"$in": dead}}, {"instance_id": {"$exists": False}}],
             }
-            for _ in range(max(limit, 0)):
-                document = await self._messages.find_one_and_update(
-                    orphaned,
-                    {"$set": {"instance_id": instance_id}},
-                    sort=[("seq", ASCENDING)],
-                    return_document=ReturnDocument.AFTER,
-                )
-                if document is None:
+            # The orphans' ids in one read, then each handed over if still orphaned (a
+            # locked one is passed over); what another claimer took meanwhile is read
+            # past, until `limit` or no orphan is left but locked ones.
+            passed: list[str] = []
+            while len(claimed) < limit:
+                unseen = {**orphaned, "_id": {"$nin": passed}}
+                cursor = self._messages.find(unseen, {"_id": 1}).sort("seq", ASCENDING)
+                candidates = await cursor.limit(limit - len(claimed)).to_list(None)
+                if not candidates:
                     break
-                claimed.append(_record(document))
+                for candidate in candidates:
+                    turn = {**orphaned, "_id": candidate["_id"]}
+                    document = await self._hand_over(turn, instance_id)
+                    if document is not None:
+                        claimed.append(_record(document))
+                    passed.append(candidate["_id"])
         return claimed
+
+    async def _hand_over(self, turn: dict[str, Any], instance_id: str) -> dict[str, Any] | None:
+        """The turn, now `instance_id`'s; None if another claimer took it first, or if a
+        dead instance's unfinished transaction still locks it (until the server aborts
+        that transaction: a minute on mongod; it is claimed at a later poll)."""
+        try:
+            document: dict[str, Any] | None = await self._messages.find_one_and_update(
+                turn,
+                {"$set": {"instance_id": instance_id}},
+                return_document=ReturnDocument.AFTER,
+                maxTimeMS=LOCKED_WAIT_MS,
+            )
+        except ExecutionTimeout:
+            return None
+        return document
 
     async def _prepare(self) -> None:
         """Indexes, and whether the deployment has transactions: found out once, at
