@@ -14,7 +14,6 @@ CLOSE_SECONDS.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -32,7 +31,7 @@ from core.chat import ChatService
 from core.config import Config, ConfigError
 from core.cors import Cors
 from core.history import HistoryStore
-from core.interrupted import end_interrupted
+from core.instances import InstanceLease, new_instance_id
 from core.keys import CONFIG, METRICS, PLUGINS, SERVICE
 from core.plugins import history_store_factories, plugin_manager, provider_factories
 from core.registry import ModelRegistry
@@ -110,8 +109,11 @@ async def open_service(
             store=store,
             bus=EventBus(pm, config.events.timeout_seconds),
             hooks=pm.hook,
+            instance_id=new_instance_id(),
         )
-        await end_interrupted(service, time.time() - config.history.sweep_after_seconds)
+        lease = InstanceLease(service, config.history)
+        stack.push_async_callback(lease.stop)  # after the drain: the turns' ends are written
+        await lease.start()
         try:
             yield service
         finally:

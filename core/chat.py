@@ -53,7 +53,9 @@ class ChatService:
         store: HistoryStore,
         bus: EventBus,
         hooks: pluggy.HookRelay,
+        instance_id: str = "",
     ) -> None:
+        self.instance_id = instance_id  # this process, in the store's leases and its turns
         self.config = config.chat
         self.default_model = config.default_model
         self.models = models
@@ -115,6 +117,7 @@ class ChatService:
             tenant=caller.tenant,
             created_at=time.time(),
             meta=_meta(request),
+            instance_id=self.instance_id,
         )
         turn = ChatTurn(self._turns, record, caller.request_id)
         ids = turn.identity

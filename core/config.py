@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import structlog
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -28,6 +29,7 @@ from pydantic import (
 
 from core.validation import first_problem
 
+log = structlog.get_logger("chatbus.config")
 ENV_PREFIX = "CHATBUS_"
 ENV_CONFIG_PATH = "CHATBUS_CONFIG"
 DEFAULT_PROMPTS = {"default": "{{ input }}"}
@@ -167,10 +169,34 @@ class HistoryConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     backend: str = "sqlite"
-    # At start-up, turns still `streaming` that began this long ago are marked `interrupted`
-    # (a crash left them). 0 suits one instance; instances sharing a store set it above the
-    # longest answer, so one's restart never marks another's live turns.
-    sweep_after_seconds: float = Field(0.0, ge=0)
+    # Every instance on a store holds a lease in it, renewed every `heartbeat_seconds`; as
+    # often, it ends `interrupted` the running turns of instances whose lease expired (they
+    # died: kill -9, a lost machine), so those end within lease + heartbeat seconds, with
+    # their events. A lease outlasts two heartbeats: one late beat is not a death.
+    lease_seconds: float = Field(15.0, gt=0, allow_inf_nan=False)
+    heartbeat_seconds: float = Field(3.0, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "sweep_after_seconds" in data:
+            log.warning(
+                "history.sweep_after_seconds is no longer used: remove it (instances hold"
+                " leases now, and a dead one's turns are ended once its lease expires:"
+                " history.lease_seconds)"
+            )
+            data = {key: value for key, value in data.items() if key != "sweep_after_seconds"}
+        return data
+
+    @model_validator(mode="after")
+    def _lease_outlasts_heartbeats(self) -> HistoryConfig:
+        if self.lease_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError(
+                f"lease_seconds: {self.lease_seconds:g} is less than twice heartbeat_seconds"
+                f" ({self.heartbeat_seconds:g}): one late heartbeat would let other instances"
+                " end this one's turns"
+            )
+        return self
 
     def options(self) -> dict[str, Any]:
         options = (self.model_extra or {}).get(self.backend, {})

@@ -17,7 +17,7 @@ class Status(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    INTERRUPTED = "interrupted"  # left `streaming` by a crash; ended at the next start-up
+    INTERRUPTED = "interrupted"  # its instance died (its lease expired); ended by a live one
 
 
 # Turns a model reads back as history: answered, or cut short by the client (what it saw).
@@ -47,6 +47,7 @@ class MessageRecord:
     feedback_reason: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0  # wall-clock seconds; stores order turns by insertion, not this
+    instance_id: str = ""  # the chatbus instance answering it: its lease says if it lives
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +137,8 @@ class HistoryStore(Protocol):
     async def finish_message(
         self, message_id: str, outcome: Outcome, deliveries: Sequence[Delivery] = ()
     ) -> None:
-        """Write how a turn ended, and the deliveries its end event owes, in one step."""
+        """Write how a turn ended, and the deliveries its end event owes, in one step: a
+        crash leaves both written or neither."""
 
     async def recent_turns(self, tenant: str, conversation_id: str, limit: int) -> list[Turn]:
         """The last `limit` turns with a non-empty, READABLE response, oldest first."""
@@ -168,9 +170,17 @@ class HistoryStore(Protocol):
         """The answer so far of a turn still `streaming` (a checkpoint: a crash keeps it); a
         turn that has ended is left as it is."""
 
-    async def streaming_turns(self, started_before: float, limit: int) -> list[MessageRecord]:
-        """Up to `limit` turns still `streaming` that started before this time (wall clock),
-        the oldest first: at start-up, the turns a crash left unfinished."""
+    async def keep_lease(self, instance_id: str, now: float, lease_until: float) -> None:
+        """Hold `instance_id`'s lease until `lease_until` (wall clock), and forget the leases
+        that expired before `now`: an instance without a lease is dead to the others."""
+
+    async def claim_orphaned_turns(
+        self, instance_id: str, now: float, limit: int
+    ) -> list[MessageRecord]:
+        """Up to `limit` turns still `streaming` whose instance holds no lease at `now` (it
+        died, or never took one), handed over to `instance_id`, atomically: no two claimers
+        get the same turn. A claimer that dies before ending them leaves them to the next
+        one, once its own lease has expired."""
         ...
 
 

@@ -1,5 +1,6 @@
-"""The turns a crash left unfinished: at start-up, each one still `streaming` from before is
-ended `interrupted`, keeping the answer as far as its last checkpoint, and published as
+"""The turns of a dead instance: each turn still `streaming` whose instance's lease expired
+(kill -9, a lost machine; core/instances.py) is claimed by a live instance and ended
+`interrupted`, keeping the answer as far as its last checkpoint, and published as
 `chat_failed` of type `interrupted`, so that its webhooks and callback go out."""
 
 from __future__ import annotations
@@ -13,37 +14,31 @@ from core.events import ChatFailed
 from core.history import MessageRecord, Outcome, Status, StoreUnavailable
 
 log = structlog.get_logger("chatbus.chat")
-SWEEP_BATCH = 100  # interrupted turns read at a time
-INTERRUPTED = "interrupted"  # the error type of a turn a crash left unfinished
+SWEEP_BATCH = 100  # orphaned turns claimed at a time
+INTERRUPTED = "interrupted"  # the error type of a turn whose instance died
 
 
-async def end_interrupted(service: ChatService, started_before: float) -> None:
-    """End the turns a crash left `streaming` (those that started before this time):
-    each is stored `interrupted`, with the answer as far as its last checkpoint, and
-    published as `chat_failed` of type `interrupted`, so its webhooks and callback go
-    out as for any failed turn."""
-    ended = 0
+async def end_interrupted(service: ChatService) -> int:
+    """Claim the turns whose instance holds no lease and end each one `interrupted`, as any
+    failed turn ends (stored with its deliveries, retried if the store fails, published).
+    How many were ended."""
+    ended: set[str] = set()
     try:
-        while records := await service.store.streaming_turns(started_before, SWEEP_BATCH):
-            done = 0
-            for record in records:
-                try:
-                    await _end_one(service, record)
-                    done += 1
-                except StoreUnavailable:
-                    raise
-                except Exception:  # one bad record must not stop the others, or start-up
-                    log.exception("could not end an interrupted turn",
-                                  message_id=record.message_id)  # fmt: skip
-            ended += done
-            if done < len(records):
-                break  # what failed would come first again: left to the next start-up
+        while records := await service.store.claim_orphaned_turns(
+            service.instance_id, time.time(), SWEEP_BATCH
+        ):
+            fresh = [record for record in records if record.message_id not in ended]
+            for record in fresh:
+                await _end_one(service, record)
+                ended.add(record.message_id)
+            if len(fresh) < len(records):
+                break  # an end is still being retried: claimed again, it is not ended twice
     except StoreUnavailable as exc:
         log.warning("could not end interrupted turns: the store is unavailable",
-                    error=str(exc), ended=ended)  # fmt: skip
-        return
+                    error=str(exc), ended=len(ended))  # fmt: skip
     if ended:
-        log.info("ended interrupted turns", count=ended)
+        log.info("ended interrupted turns", count=len(ended))
+    return len(ended)
 
 
 async def _end_one(service: ChatService, record: MessageRecord) -> None:
@@ -65,4 +60,4 @@ async def _end_one(service: ChatService, record: MessageRecord) -> None:
         " was killed); the answer is kept as far as its last checkpoint",
     )
     outcome = Outcome(record.response, Status.INTERRUPTED, None, latency, INTERRUPTED)
-    await service.recorder.end(outcome, event, retry=False)
+    await service.recorder.end(outcome, event)

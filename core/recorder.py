@@ -93,8 +93,10 @@ class Recorder:
                     log.info("stored the end of a turn after retrying", message_id=message_id)
                     return
         except asyncio.CancelledError:
-            # Shutting down while the store still fails. The answer is not logged (it may be
-            # megabytes, and a log is no store): its size and id say what was lost.
+            # Shutting down while the store still fails: the turn stays `streaming` under
+            # this instance, whose lease expires, and a live instance ends it `interrupted`
+            # with the answer as far as its last checkpoint. The answer is not logged (it
+            # may be megabytes, and a log is no store): its size and id say what was cut.
             log.error(
                 "could not store the end of a turn before shutting down",
                 message_id=message_id,

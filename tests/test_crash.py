@@ -29,6 +29,9 @@ CONFIG = """\
 default_model = "slow"
 [chat]
 checkpoint_seconds = 0.2
+[history]
+lease_seconds = 2           # the killed instance's turns are ended 2 s after its last beat
+heartbeat_seconds = 0.5
 [history.sqlite]
 path = "crash.db"
 [plugins.webhooks]

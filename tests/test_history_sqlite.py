@@ -49,8 +49,38 @@ async def test_the_file_is_in_wal_mode(store: SqliteStore, db_path: Path) -> Non
     # Another connection sees the committed row at once.
     mode, version, count = read_file_state(db_path)
     assert mode == "wal"
-    assert version == 1
+    assert version == 2
     assert count == 1
+
+
+V1_MESSAGES = """
+CREATE TABLE messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL UNIQUE,
+    conversation_id TEXT NOT NULL, tenant TEXT NOT NULL, chat_type TEXT NOT NULL,
+    query TEXT NOT NULL, response TEXT NOT NULL DEFAULT '', status TEXT NOT NULL,
+    model TEXT NOT NULL, usage TEXT, latency REAL, error TEXT,
+    feedback_score INTEGER NOT NULL DEFAULT -1, feedback_reason TEXT NOT NULL DEFAULT '',
+    meta TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL
+);
+INSERT INTO messages (message_id, conversation_id, tenant, chat_type, query, status, model,
+    created_at) VALUES ('old', 'c1', 'default', 'llm_chat', 'q', 'streaming', 'echo', 1.0);
+PRAGMA user_version = 1;
+"""
+
+
+async def test_a_file_from_before_leases_is_migrated(db_path: Path) -> None:
+    with sqlite3.connect(db_path) as db:
+        db.executescript(V1_MESSAGES)
+    store = SqliteStore(str(db_path))
+    await store.open()
+    try:
+        # The turn a crash left under version 1 has no instance: the first claimer ends it.
+        (old,) = await store.claim_orphaned_turns("me", now=2.0, limit=10)
+        assert (old.message_id, old.instance_id) == ("old", "me")
+        await store.add_message(record("new", instance_id="me"))
+    finally:
+        await store.close()
+    assert read_file_state(db_path)[1:] == (2, 2)
 
 
 async def test_data_survives_close_and_reopen(db_path: Path) -> None:

@@ -26,15 +26,34 @@ class TestSqliteStore(StoreContract):
         await opened.close()
 
 
+async def open_mongo_store(mongodb: MongoDatabase, transactions: bool | None) -> MongoStore:
+    from pymongo import AsyncMongoClient
+
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
+        mongodb.uri, serverSelectionTimeoutMS=5000
+    )
+    opened = MongoStore(client, mongodb.name, transactions=transactions)
+    await opened.open()
+    return opened
+
+
 class TestMongoStore(StoreContract):
+    """A turn's end and its deliveries in a transaction: SecantusDB is a replica set."""
+
     @pytest.fixture
     async def store(self, mongodb: MongoDatabase) -> AsyncIterator[HistoryStore]:
-        from pymongo import AsyncMongoClient
+        opened = await open_mongo_store(mongodb, transactions=None)
+        assert opened.transactions is True  # found out at open()
+        yield opened
+        await opened.close()
 
-        client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
-            mongodb.uri, serverSelectionTimeoutMS=5000
-        )
-        opened = MongoStore(client, mongodb.name)
-        await opened.open()
+
+class TestMongoStoreWithoutTransactions(StoreContract):
+    """As on a standalone mongod: a turn's end and its deliveries in three writes."""
+
+    @pytest.fixture
+    async def store(self, mongodb: MongoDatabase) -> AsyncIterator[HistoryStore]:
+        opened = await open_mongo_store(mongodb, transactions=False)
+        assert opened.transactions is False
         yield opened
         await opened.close()

@@ -57,9 +57,11 @@ class FlakyStore(SqliteStore):
             raise StoreUnavailable("switched off by the test")
         await super().finish_message(message_id, outcome, deliveries)
 
-    async def streaming_turns(self, started_before: float, limit: int) -> list[MessageRecord]:
+    async def claim_orphaned_turns(
+        self, instance_id: str, now: float, limit: int
+    ) -> list[MessageRecord]:
         self._check()
-        return await super().streaming_turns(started_before, limit)
+        return await super().claim_orphaned_turns(instance_id, now, limit)
 
 
 class Flaky:
@@ -161,7 +163,7 @@ async def test_an_answer_whose_end_cannot_be_stored_is_retried(
     assert any(e["event"] == "stored the end of a turn after retrying" for e in logs)
 
 
-async def test_an_answer_never_stored_is_reported_at_shutdown_but_not_logged(
+async def test_an_answer_never_stored_is_not_logged_at_shutdown(
     start_chatbus: StartChatbus,
 ) -> None:
     flaky = Flaky()
@@ -170,15 +172,24 @@ async def test_an_answer_never_stored_is_reported_at_shutdown_but_not_logged(
     )
     assert flaky.store is not None
     flaky.store.fail_finishes = 1_000_000
+    answer = "the only copy of a private answer"
     with structlog.testing.capture_logs() as logs:
-        stream = await chatbus.chat(query="the only copy")
+        stream = await chatbus.chat(query=answer)
         await chatbus.close()  # shuts down while the store still fails
+    assert stream.text == answer
     (message_id,) = stream.message_ids
     (last,) = [e for e in logs if e["event"].startswith("could not store the end of a turn bef")]
-    assert (last["message_id"], last["answer_chars"]) == (message_id, len("the only copy"))
+    assert (last["message_id"], last["answer_chars"]) == (message_id, len(answer))
     assert last["log_level"] == "error"
-    # A log is no store: an answer (megabytes, perhaps) is never written into one.
-    assert not [e for e in logs if "the only copy" in repr(e)]
+    assert not [event for event in logs if "private answer" in repr(event)]
+    # The turn stays `streaming` under the instance that stopped, for the next to end.
+    store = SqliteStore(flaky.store.path)
+    await store.open()
+    try:
+        record = await store.get_message("default", message_id)
+    finally:
+        await store.close()
+    assert record is not None and record.status is Status.STREAMING
 
 
 async def test_turns_left_streaming_are_ended_interrupted_at_start_up(
@@ -213,19 +224,30 @@ async def test_turns_left_streaming_are_ended_interrupted_at_start_up(
     assert b'"error_type":"interrupted"' in delivery.payload.encode()
 
 
-async def test_the_sweep_spares_recent_turns_when_instances_share_a_store(
+async def test_turns_of_a_live_instance_are_spared(
     tmp_path: Path, start_chatbus: StartChatbus
 ) -> None:
     store = SqliteStore(str(tmp_path / "chat.db"))
     await store.open()
-    await store.add_message(MessageRecord("live", "c", "q", "echo", created_at=time.time()))
-    await store.add_message(MessageRecord("old", "c", "q", "echo", created_at=time.time() - 900))
+    now = time.time()
+    await store.keep_lease("other", now, now + 600)  # another instance, alive
+    await store.add_message(MessageRecord("live", "c", "q", "echo", instance_id="other"))
+    await store.add_message(MessageRecord("dead", "c", "q", "echo", instance_id="gone"))
     await store.close()
-    chatbus = await start_chatbus(history={"sweep_after_seconds": 600})
+    chatbus = await start_chatbus()
     live = await chatbus.store.get_message("default", "live")
-    old = await chatbus.store.get_message("default", "old")
+    dead = await chatbus.store.get_message("default", "dead")
     assert live is not None and live.status is Status.STREAMING
-    assert old is not None and old.status is Status.INTERRUPTED
+    assert dead is not None and dead.status is Status.INTERRUPTED
+
+
+async def test_the_retired_sweep_setting_is_a_warning(start_chatbus: StartChatbus) -> None:
+    with structlog.testing.capture_logs() as logs:
+        chatbus = await start_chatbus(history={"sweep_after_seconds": 600})
+    assert (await chatbus.chat(query="still runs")).text == "still runs"
+    (warning,) = [e for e in logs if "sweep_after_seconds" in e["event"]]
+    assert warning["log_level"] == "warning"
+    assert "lease_seconds" in warning["event"]
 
 
 async def test_a_wrong_mongodb_password_is_an_unavailable_store(

@@ -21,8 +21,10 @@ import asyncio
 from dataclasses import replace
 from typing import Any
 
+import orjson
 import pytest
 
+from core.config import MAX_ANSWER_CHARS
 from core.history import HistoryStore, MessageRecord, Outcome, Status, Turn
 from core.outbox import Delivery, DeliveryStatus
 from core.providers import Usage
@@ -268,6 +270,23 @@ class StoreContract:
         assert got.response == response
         assert await store.recent_turns("default", "c1", 1) == [Turn("q", response)]
 
+    async def test_the_largest_answer_and_its_deliveries(self, store: HistoryStore) -> None:
+        # The worst case: every character 4 bytes of UTF-8, the answer at its ceiling, the
+        # query at its default limit, and deliveries whose payload carries both (as a
+        # webhook's does): 8 MiB of answer in the record and as much in each delivery.
+        response = "😀" * MAX_ANSWER_CHARS
+        query = "😀" * 32_000
+        payload = orjson.dumps({"data": {"query": query, "text": response}}).decode()
+        await store.add_message(record("big", query))
+        deliveries = [delivery("d1", payload=payload), delivery("d2", payload=payload)]
+        await store.finish_message("big", done(response), deliveries)
+        got = await store.get_message("default", "big")
+        assert got is not None and (got.query, got.response) == (query, response)
+        assert [d.payload == payload for d in await store.outbox.deliveries(None, 10)] == [
+            True,
+            True,
+        ]
+
     async def test_duplicate_message_id_is_refused(self, store: HistoryStore) -> None:
         await store.add_message(record("m1", "first"))
         with pytest.raises(Exception):  # noqa: B017 (each store raises its own duplicate-key error)
@@ -332,17 +351,52 @@ class StoreContract:
         assert await store.get_message("other", "theirs") is not None  # another tenant's stays
         assert await store.delete_conversation("default", "gone") == 0
 
-    async def test_streaming_turns_are_the_old_unfinished_ones(self, store: HistoryStore) -> None:
-        await store.add_message(record("old", created_at=1000.0))
-        await store.add_message(record("older", created_at=900.0))
-        await store.add_message(record("new", created_at=3000.0))
-        await add_turn(store, "done", "q", "r", created_at=1000.0)
-        found = await store.streaming_turns(2000.0, 10)
-        assert [turn.message_id for turn in found] == ["old", "older"]  # in the order stored
-        assert [turn.message_id for turn in await store.streaming_turns(2000.0, 1)] == ["old"]
-        outcome = Outcome("so far", Status.INTERRUPTED, None, 1.0, "interrupted")
-        await store.finish_message("old", outcome)
-        assert [turn.message_id for turn in await store.streaming_turns(2000.0, 10)] == ["older"]
+    # Instances' leases
+
+    async def test_orphaned_turns_are_those_of_instances_without_a_lease(
+        self, store: HistoryStore
+    ) -> None:
+        await store.keep_lease("me", now=100.0, lease_until=1000.0)
+        await store.keep_lease("alive", now=100.0, lease_until=200.0)
+        await store.keep_lease("dying", now=100.0, lease_until=150.0)
+        await store.add_message(record("alive1", instance_id="alive"))
+        await store.add_message(record("dying1", instance_id="dying"))
+        await store.add_message(record("dying2", instance_id="dying"))
+        await store.add_message(record("unleased", instance_id="never-leased"))
+        await add_turn(store, "ended", "q", "r", instance_id="dying")
+        claimed = await store.claim_orphaned_turns("me", now=120.0, limit=10)
+        assert [turn.message_id for turn in claimed] == ["unleased"]
+        assert claimed[0].instance_id == "me" and claimed[0].status is Status.STREAMING
+        (first,) = await store.claim_orphaned_turns("me", now=160.0, limit=1)  # dying is dead
+        (second,) = await store.claim_orphaned_turns("me", now=160.0, limit=10)
+        assert {first.message_id, second.message_id} == {"dying1", "dying2"}
+        assert await store.claim_orphaned_turns("me", now=160.0, limit=10) == []  # all mine now
+        got = await store.get_message("default", "dying1")
+        assert got is not None and got.instance_id == "me"
+        # My lease expired too: another instance takes every turn still streaming.
+        await store.keep_lease("next", now=1100.0, lease_until=1200.0)
+        taken = await store.claim_orphaned_turns("next", now=1100.0, limit=10)
+        assert sorted(t.message_id for t in taken) == ["alive1", "dying1", "dying2", "unleased"]
+
+    async def test_a_renewed_lease_keeps_the_turns(self, store: HistoryStore) -> None:
+        await store.keep_lease("a", now=100.0, lease_until=150.0)
+        await store.add_message(record("m1", instance_id="a"))
+        await store.keep_lease("a", now=140.0, lease_until=190.0)
+        await store.keep_lease("b", now=170.0, lease_until=300.0)  # forgets what expired by 170
+        assert await store.claim_orphaned_turns("b", now=170.0, limit=10) == []
+        (taken,) = await store.claim_orphaned_turns("b", now=191.0, limit=10)
+        assert taken.message_id == "m1"
+
+    async def test_concurrent_claimers_never_share_a_turn(self, store: HistoryStore) -> None:
+        for i in range(20):
+            await store.add_message(record(f"m{i:02d}", instance_id="dead"))
+        for n in range(6):
+            await store.keep_lease(f"o{n}", now=100.0, lease_until=200.0)
+        batches = await asyncio.gather(
+            *(store.claim_orphaned_turns(f"o{n}", now=100.0, limit=5) for n in range(6))
+        )
+        claimed = [turn.message_id for batch in batches for turn in batch]
+        assert sorted(claimed) == [f"m{i:02d}" for i in range(20)]  # each exactly once
 
     async def test_a_checkpoint_keeps_the_answer_so_far_of_a_streaming_turn(
         self,
@@ -355,7 +409,7 @@ class StoreContract:
             "the answer so",
             "streaming",
         )
-        (listed,) = await store.streaming_turns(2e9, 10)
+        (listed,) = await store.claim_orphaned_turns("next", now=2e9, limit=10)
         assert listed.response == "the answer so"
         await store.finish_message("m1", Outcome("the answer so far", Status.COMPLETED, None, 1.0))
         await store.save_partial("m1", "a late checkpoint")  # an ended turn is left as it is

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -26,6 +26,10 @@ class MongoOptions(BaseModel):
     server_selection_timeout: float = Field(2.0, gt=0, description="seconds to find a server")
     connect_timeout: float = Field(2.0, gt=0)
     operation_timeout: float = Field(5.0, gt=0, description="seconds to wait for a reply")
+    # "auto": a turn's end and its deliveries in one transaction where the deployment has
+    # them (a replica set, a sharded cluster); else, or with false, in three writes that a
+    # crash between cannot split (the deliveries held, released once the end names them).
+    transactions: Literal["auto", False] = "auto"
 
     @model_validator(mode="after")
     def _one_uri(self) -> MongoOptions:
@@ -63,4 +67,5 @@ def make_store(options: dict[str, Any], base_dir: Path) -> MongoStore:
         socketTimeoutMS=int(settings.operation_timeout * 1000),
         tz_aware=True,
     )
-    return MongoStore(client, settings.database, settings.collection)
+    transactions = None if settings.transactions == "auto" else False
+    return MongoStore(client, settings.database, settings.collection, transactions)

@@ -25,7 +25,7 @@ from plugins.history_sqlite import outbox
 from plugins.history_sqlite.outbox import SqliteOutbox
 from plugins.history_sqlite.worker import SqliteWorker
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: messages.instance_id, and the instances' leases
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -43,12 +43,22 @@ CREATE TABLE IF NOT EXISTS messages (
     feedback_score  INTEGER NOT NULL DEFAULT -1,
     feedback_reason TEXT NOT NULL DEFAULT '',
     meta            TEXT NOT NULL DEFAULT '{}',
-    created_at      REAL NOT NULL
+    created_at      REAL NOT NULL,
+    instance_id     TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (tenant, conversation_id, seq);
--- No index on status: it would be kept up on every turn's two writes for a sweep that
--- runs once, at start-up, where one scan of the table does.
+CREATE TABLE IF NOT EXISTS instances (
+    instance_id TEXT PRIMARY KEY,
+    lease_until REAL NOT NULL
+);
 """
+# Only the turns under way: each instance looks for orphaned ones every few seconds, and a
+# turn leaves this index when it ends. (Written after the migration: it names instance_id.)
+STREAMING_INDEX = """
+CREATE INDEX IF NOT EXISTS messages_streaming ON messages (instance_id)
+    WHERE status = 'streaming';
+"""
+ADD_INSTANCE_ID = "ALTER TABLE messages ADD COLUMN instance_id TEXT NOT NULL DEFAULT ''"
 COLUMNS = (
     "message_id",
     "conversation_id",
@@ -65,6 +75,7 @@ COLUMNS = (
     "feedback_reason",
     "meta",
     "created_at",
+    "instance_id",
 )
 SELECT = f"SELECT {', '.join(COLUMNS)} FROM messages"
 INSERT = f"INSERT INTO messages ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
@@ -93,7 +104,11 @@ class SqliteStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # durable across app crashes in WAL mode
         db.execute("PRAGMA busy_timeout=5000")  # several processes may share the file
+        (version,) = db.execute("PRAGMA user_version").fetchone()
         db.executescript(SCHEMA)
+        if version == 1:  # a file from before leases
+            db.execute(ADD_INSTANCE_ID)
+        db.executescript(STREAMING_INDEX)
         db.executescript(outbox.SCHEMA)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         return db
@@ -192,12 +207,34 @@ class SqliteStore:
             (response, message_id, Status.STREAMING),
         )
 
-    async def streaming_turns(self, started_before: float, limit: int) -> list[MessageRecord]:
-        rows = await self._read(
-            f"{SELECT} WHERE status = ? AND created_at < ? ORDER BY seq LIMIT ?",
-            (Status.STREAMING, started_before, limit),
+    async def keep_lease(self, instance_id: str, now: float, lease_until: float) -> None:
+        await self._worker.write_many(
+            [
+                (
+                    "INSERT INTO instances (instance_id, lease_until) VALUES (?, ?)"
+                    " ON CONFLICT (instance_id) DO UPDATE SET lease_until = excluded.lease_until",
+                    (instance_id, lease_until),
+                ),
+                ("DELETE FROM instances WHERE lease_until < ?", (now,)),
+            ]
         )
-        return [_from_row(row) for row in rows]
+
+    async def claim_orphaned_turns(
+        self, instance_id: str, now: float, limit: int
+    ) -> list[MessageRecord]:
+        # One statement: the instances it reads are those of the moment it hands turns over.
+        # The status is written out, not bound, so that the partial index serves it.
+        def claim(db: sqlite3.Connection) -> list[Any]:
+            return db.execute(
+                f"UPDATE messages SET instance_id = ? WHERE seq IN (SELECT seq FROM messages"
+                f" WHERE status = '{Status.STREAMING}' AND instance_id NOT IN"
+                " (SELECT instance_id FROM instances WHERE lease_until >= ?)"
+                f" ORDER BY seq LIMIT ?) RETURNING {', '.join(COLUMNS)}",
+                (instance_id, now, max(limit, 0)),
+            ).fetchall()
+
+        rows = await self._worker.run(claim)
+        return sorted((_from_row(row) for row in rows), key=lambda record: record.created_at)
 
 
 def _usage_json(usage: Usage | None) -> str | None:
