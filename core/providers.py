@@ -177,8 +177,10 @@ class GenerationParams:
 
     def given(self) -> dict[str, Any]:
         """The parameters given, by OpenAI's names: the typed ones, then the rest."""
-        typed = {name: getattr(self, name) for name in TYPED_PARAMS}
-        return {**{k: v for k, v in typed.items() if v is not None}, **self.extra}
+        given = {name: value for name in TYPED_PARAMS if (value := getattr(self, name)) is not None}
+        if self.extra:
+            given.update(self.extra)
+        return given
 
 
 PARAM_FIELDS = tuple(GenerationParams.__dataclass_fields__)
@@ -194,7 +196,12 @@ class ModelCall(GenerationParams):
 
     @classmethod
     def of(cls, messages: list[Message], params: GenerationParams) -> ModelCall:
-        given = {name: getattr(params, name) for name in PARAM_FIELDS}
+        # Only what was given: the rest keep their defaults (None).
+        given = {
+            name: value for name in TYPED_PARAMS if (value := getattr(params, name)) is not None
+        }
+        if params.extra:
+            given["extra"] = params.extra
         return cls(messages, **given)
 
 

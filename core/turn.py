@@ -370,6 +370,8 @@ class _Answer:
         return piece
 
     def tool_calls(self) -> tuple[dict[str, Any], ...]:
+        if not self.calls:  # most answers: nothing to sort
+            return ()
         return tuple(self.calls[index].as_openai() for index in sorted(self.calls))
 
     def finish_reason(self) -> str:

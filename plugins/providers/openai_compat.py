@@ -141,7 +141,7 @@ class OpenAICompatProvider:
                             content = delta.get("content")
                             if content:
                                 yield content
-                            if len(delta) > (content is not None) + ("role" in delta):
+                            if content is None or len(delta) > 1:  # a role, reasoning, calls
                                 for piece in _beside_text(delta):
                                     yield piece
                             reason = choice.get("finish_reason")
