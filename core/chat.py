@@ -83,16 +83,8 @@ class ChatService:
             self.recorder.spawn(turn.abandon())
             raise
         try:
-            ids = turn.identity
-            started = ChatStarted(
-                message_id=ids.message_id,
-                conversation_id=ids.conversation_id,
-                tenant=ids.tenant,
-                request_id=ids.request_id,
-                query=ids.query,
-                callback_url=ids.callback_url,
-                model=turn.record.model,
-                history_turns=turn.history_turns,
+            started = turn.identity.event(
+                ChatStarted, model=turn.record.model, history_turns=turn.history_turns
             )
             await self.recorder.publish(started)
             yield turn
@@ -120,17 +112,7 @@ class ChatService:
             instance_id=self.instance_id,
         )
         turn = ChatTurn(self._turns, record, caller.request_id)
-        ids = turn.identity
-        received = ChatReceived(
-            message_id=ids.message_id,
-            conversation_id=ids.conversation_id,
-            tenant=ids.tenant,
-            request_id=ids.request_id,
-            query=ids.query,
-            callback_url=ids.callback_url,
-            model=model,
-            stream=request.stream,
-        )
+        received = turn.identity.event(ChatReceived, model=model, stream=request.stream)
         await self.recorder.publish(received)
         history = await self._history(request, caller.tenant)
         messages = [*history, *self._new_messages(request)]

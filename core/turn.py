@@ -14,7 +14,7 @@ import structlog
 
 from core.config import ChatConfig
 from core.cutoff import Cutoff
-from core.events import ChatCancelled, ChatCompleted, ChatFailed
+from core.events import ChatCancelled, ChatCompleted, ChatEvent, ChatFailed
 from core.history import MessageRecord, Outcome, Status
 from core.providers import (
     AnswerTimeout,
@@ -36,6 +36,7 @@ Send = Callable[[str], Awaitable[None]]
 # What a transport that shows more than text is handed besides: reasoning, tool-call pieces.
 SendChunk = Callable[[Reasoning | ToolCallDelta], Awaitable[None]]
 T = TypeVar("T")
+E = TypeVar("E", bound=ChatEvent)
 
 
 class ClientDisconnected(Exception):
@@ -65,6 +66,18 @@ class TurnIdentity:
     request_id: str
     query: str
     callback_url: str | None  # async mode: where the end of the chat is delivered
+
+    def event(self, kind: type[E], **more: Any) -> E:
+        """An event of this turn's chat: its identity, and the fields of the kind's own."""
+        return kind(
+            message_id=self.message_id,
+            conversation_id=self.conversation_id,
+            tenant=self.tenant,
+            request_id=self.request_id,
+            query=self.query,
+            callback_url=self.callback_url,
+            **more,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +222,7 @@ class ChatTurn:
                             await send(piece)
                     elif isinstance(piece, Usage):
                         answer.usage = piece
-                    elif isinstance(piece, Reasoning | ToolCallDelta):
+                    elif isinstance(piece, (Reasoning, ToolCallDelta)):
                         size += _size(piece)
                         if size > limit:
                             raise AnswerTooLong(
@@ -262,7 +275,7 @@ class ChatTurn:
             reasoning=reasoning,
             tool_calls=tool_calls,
         )
-        event = self._end_event(answer, status, error, text, latency, first_token)
+        event = self._end_event(outcome, error, first_token)
         await self._services.recorder.end(outcome, event)
         return TurnResult(
             self.message_id, text, status, error, answer.model, tuple(answer.failures),
@@ -270,48 +283,23 @@ class ChatTurn:
         )  # fmt: skip
 
     def _end_event(
-        self,
-        answer: _Answer,
-        status: Status,
-        error: ProviderError | None,
-        text: str,
-        latency: float,
-        first_token: float | None,
+        self, outcome: Outcome, error: ProviderError | None, first_token: float | None
     ) -> ChatCompleted | ChatFailed | ChatCancelled:
-        ids = self.identity
-        if status is not Status.CANCELLED and error is not None:
-            return ChatFailed(
-                message_id=ids.message_id,
-                conversation_id=ids.conversation_id,
-                tenant=ids.tenant,
-                request_id=ids.request_id,
-                query=ids.query,
-                callback_url=ids.callback_url,
-                model=answer.model,
-                text=text,
-                usage=answer.usage,
-                latency=latency,
-                first_token_latency=first_token,
-                tool_calls=answer.tool_calls(),
-                error_type=error.type,
-                error_message=str(error),
+        ended = {
+            "model": outcome.model,  # the model that answered, a fallback perhaps
+            "text": outcome.response,
+            "usage": outcome.usage,
+            "latency": outcome.latency,
+            "first_token_latency": first_token,
+            "tool_calls": outcome.tool_calls,
+        }
+        if outcome.status is Status.CANCELLED:
+            return self.identity.event(ChatCancelled, **ended)
+        if error is not None:
+            return self.identity.event(
+                ChatFailed, **ended, error_type=error.type, error_message=str(error)
             )
-        kind = ChatCancelled if status is Status.CANCELLED else ChatCompleted
-        return kind(
-            message_id=ids.message_id,
-            conversation_id=ids.conversation_id,
-            tenant=ids.tenant,
-            request_id=ids.request_id,
-            query=ids.query,
-            callback_url=ids.callback_url,
-            model=answer.model,  # the model that answered, a fallback perhaps
-            text=text,
-            usage=answer.usage,
-            latency=latency,
-            first_token_latency=first_token,
-            finish_reason=answer.finish_reason() if status is Status.COMPLETED else None,
-            tool_calls=answer.tool_calls(),
-        )
+        return self.identity.event(ChatCompleted, **ended, finish_reason=outcome.finish_reason)
 
 
 @dataclass(slots=True)
