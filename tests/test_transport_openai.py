@@ -1,4 +1,4 @@
-"""OpenAI's Chat Completions format (plugins/transports/openai.py), read by the official SDK."""
+"""OpenAI's Chat Completions format (plugins/transports/openai/), read by the official SDK."""
 
 from __future__ import annotations
 
