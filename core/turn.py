@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from core.checkpoints import Checkpoints
 from core.config import ChatConfig
 from core.cutoff import Cutoff
 from core.events import ChatCancelled, ChatCompleted, ChatEvent, ChatFailed
@@ -244,7 +245,9 @@ class ChatTurn:
         if not interval:
             return nullcontext()
         recorder, message_id = self._services.recorder, self.message_id
-        return _Checkpoints(answer, interval, lambda text: recorder.checkpoint(message_id, text))
+        return Checkpoints(
+            answer.parts, interval, lambda text: recorder.checkpoint(message_id, text)
+        )
 
     def _size_limit(self, route: Route) -> int:
         own = route.max_answer_chars
@@ -373,33 +376,3 @@ def _size(piece: Reasoning | ToolCallDelta) -> int:
     if isinstance(piece, Reasoning):
         return len(piece.text)
     return len(piece.arguments) + len(piece.name or "")
-
-
-class _Checkpoints:
-    """While a turn streams, hands its answer so far to `save` every `interval` seconds (when
-    it grew), so that a crash keeps what the client saw, up to the last checkpoint. A timer,
-    not a check per delta: nothing on the hot path, and a turn shorter than one interval
-    costs one timer."""
-
-    def __init__(self, answer: _Answer, interval: float, save: Callable[[str], None]) -> None:
-        self._answer = answer
-        self._interval = interval
-        self._save = save
-        self._saved = 0  # parts already handed over
-        self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = None
-
-    def __enter__(self) -> _Checkpoints:
-        self._timer = self._loop.call_later(self._interval, self._due)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def _due(self) -> None:
-        parts = self._answer.parts
-        if len(parts) > self._saved:
-            self._saved = len(parts)
-            self._save("".join(parts))
-        self._timer = self._loop.call_later(self._interval, self._due)
