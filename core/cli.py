@@ -23,7 +23,8 @@ import structlog
 
 from core.chat import Caller, ChatService
 from core.chat_input import ChatInput, stored_turns_wanted
-from core.config import Config, ConfigError, load_config, misnamed_overrides
+from core.config import Config, ConfigError
+from core.config_sources import load_config, misnamed_overrides
 from core.errors import ChatError, StoreUnavailable
 from core.history import HistoryStore
 from core.logs import configure_logging

@@ -16,7 +16,8 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from core.auth import is_loopback
-from core.config import Config, split_authority
+from core.config import Config
+from core.hosts import split_authority
 from core.web import BODY_METHODS, ApiError
 
 ANY_HOST = "*"

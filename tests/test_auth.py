@@ -13,7 +13,8 @@ import structlog
 
 from chatbus.testing.fake_upstream import FakeUpstream
 from core.auth import check_exposure, digest
-from core.config import AuthConfig, ConfigError, load_config
+from core.config import AuthConfig, ConfigError
+from core.config_sources import load_config
 from tests.conftest import Chatbus, StartChatbus
 
 ALICE_KEY = "cb-alice-0123456789abcdef"  # tenant "acme", configured by its digest

@@ -13,7 +13,8 @@ from core.app import open_service
 from core.auth import check_exposure
 from core.chat import Caller
 from core.chat_input import ChatInput
-from core.config import ConfigError, load_config, misnamed_overrides
+from core.config import ConfigError
+from core.config_sources import load_config, misnamed_overrides
 from plugins.providers.echo import EchoOptions
 
 REPO = Path(__file__).parents[1]

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from core.auth import digest
-from core.config import ConfigError, load_config
+from core.config import ConfigError
+from core.config_sources import load_config
 from tests.conftest import Chatbus, StartChatbus
 
 APP = "https://app.example"

@@ -27,7 +27,8 @@ from standardwebhooks import Webhook
 from core.app import create_app, make_store, open_service
 from core.chat import Caller
 from core.chat_input import ChatInput
-from core.config import Config, ConfigError, load_config
+from core.config import Config, ConfigError
+from core.config_sources import load_config
 from core.errors import CallbackNotAllowed
 from core.events import ChatCompleted, Event
 from core.history import HistoryStore

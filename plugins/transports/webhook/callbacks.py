@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from core.config import split_authority
+from core.hosts import split_authority
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 REQUIRED = "an http(s) URL on an allowed host and port is required"

@@ -9,8 +9,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.config import Config, HttpUrlText, check_authorities, plugin_settings
+from core.config import Config, HttpUrlText, plugin_settings
 from core.events import LIFECYCLE_EVENTS
+from core.hosts import check_authorities
 
 HOOKS = tuple(event.hook for event in LIFECYCLE_EVENTS)
 
