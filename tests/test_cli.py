@@ -1,4 +1,4 @@
-"""The `chatbus` command (core/cli.py) and the README's quick start, as a user runs them."""
+"""The `chatbus` command (core/cli/) and the README's quick start, as a user runs them."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from chatbus.testing.fake_upstream import DEFAULT_TOKENS, FakeUpstream
-from core.cli import start_problem
+from core.cli.serving import start_problem
 from tests.waiting import wait_until_blocking
 
 ROOT = Path(__file__).parents[1]
