@@ -11,10 +11,10 @@ import ipaddress
 import os
 from typing import Any
 
-import structlog
 from aiohttp import web
 
 from core.config import AuthConfig, ConfigError
+from core.logs import log_context
 from core.openapi import is_public
 from core.web import TENANT, ApiError
 
@@ -54,7 +54,7 @@ def middleware(auth: AuthConfig) -> Any:
         else:
             tenant = DEFAULT_TENANT
         request[TENANT] = tenant
-        with structlog.contextvars.bound_contextvars(tenant=tenant):
+        with log_context(tenant=tenant):
             return await handler(request)
 
     return authenticate

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from core.cutoff import Cutoff
 from core.errors import CallbackNotAllowed, MessageNotFound, UnknownModel, UnknownPrompt
 from core.events import ChatReceived, ChatStarted, FeedbackReceived
 from core.history import HistoryStore, MessageRecord
+from core.ids import new_id
 from core.providers import Message, ModelCall
 from core.recorder import Recorder
 from core.registry import ModelRegistry
@@ -102,7 +102,7 @@ class ChatService:
         if request.callback_url is not None:
             self._check_callback(request.callback_url)
         record = MessageRecord(
-            message_id=uuid.uuid4().hex,
+            message_id=new_id(),
             conversation_id=request.conversation_id,
             query=request.query,
             model=model,

@@ -17,6 +17,7 @@ from core.config import ChatConfig
 from core.cutoff import Cutoff
 from core.events import ChatCancelled, ChatCompleted, ChatEvent, ChatFailed
 from core.history import MessageRecord, Outcome, Status
+from core.logs import log_context
 from core.providers import (
     AnswerTimeout,
     AnswerTooLong,
@@ -143,9 +144,7 @@ class ChatTurn:
                                          Status.CANCELLED))  # fmt: skip
 
     async def _logged(self, work: Coroutine[Any, Any, T]) -> T:
-        with structlog.contextvars.bound_contextvars(
-            message_id=self.message_id, conversation_id=self.record.conversation_id
-        ):
+        with log_context(message_id=self.message_id, conversation_id=self.record.conversation_id):
             return await work
 
     async def _run(self, send: Send | None, send_chunk: SendChunk | None) -> TurnResult:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -21,6 +20,8 @@ from core.errors import (
     UnknownModel,
     UnknownPrompt,
 )
+from core.ids import new_id
+from core.logs import log_context
 from core.validation import problem_of
 
 log = structlog.get_logger("chatbus.web")
@@ -120,11 +121,11 @@ def request_context(access_log: bool) -> Any:
     @web.middleware
     async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         given = request.headers.get("X-Request-Id", "")
-        request_id = given if _SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex
+        request_id = given if _SAFE_REQUEST_ID.match(given) else new_id()
         request[REQUEST_ID] = request_id
         started = time.perf_counter()
         status = 499  # unless an answer is made: the client left first
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
+        with log_context(request_id=request_id):
             try:
                 response = await _answer(request, handler, request_id)
                 status = response.status

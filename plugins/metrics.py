@@ -6,6 +6,7 @@ events and one middleware, never from per-token work."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -47,6 +48,12 @@ class Metrics:
                               ["model"], registry=self.registry)  # fmt: skip
         self.active = Gauge("chatbus_active_chats", "Chats whose answer is being produced",
                             registry=self.registry)  # fmt: skip
+        # Each series once found, not looked up (under prometheus_client's lock) per chat; it
+        # keeps every series it has made anyway.
+        self._requests = functools.cache(self.requests.labels)
+        self._latency = functools.cache(self.latency.labels)
+        self._first_token = functools.cache(self.first_token.labels)
+        self._tokens = functools.cache(self.tokens.labels)
 
     @web.middleware
     async def count(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -64,7 +71,7 @@ class Metrics:
         finally:
             route = request.match_info.route.resource
             name = route.canonical if route is not None else "unmatched"
-            self.requests.labels(name, request.method, str(status)).inc()
+            self._requests(name, request.method, str(status)).inc()
 
     @hookimpl
     def chat_started(self, event: ChatStarted) -> None:
@@ -72,11 +79,11 @@ class Metrics:
 
     def _ended(self, event: ChatEnded, status: str) -> None:
         self.active.dec()
-        self.latency.labels(event.model, status).observe(event.latency)
+        self._latency(event.model, status).observe(event.latency)
         if event.first_token_latency is not None:
-            self.first_token.labels(event.model).observe(event.first_token_latency)
+            self._first_token(event.model).observe(event.first_token_latency)
         if event.usage is not None and event.usage.completion_tokens:
-            self.tokens.labels(event.model).inc(event.usage.completion_tokens)
+            self._tokens(event.model).inc(event.usage.completion_tokens)
 
     @hookimpl
     def chat_completed(self, event: ChatEnded) -> None:

@@ -142,3 +142,19 @@ def test_names_and_membership(templates: PromptTemplates) -> None:
 def test_unknown_name_is_a_key_error(templates: PromptTemplates) -> None:
     with pytest.raises(KeyError):
         templates.render("missing", "x")
+
+
+VERBATIM_LOOKALIKES = ["{{ input }}", "{{input}}", "{{  input\n}}", "{{ input }}\n", " {{ input }}",
+                       "{{ input }}{{ input }}", "{{ input|upper }}", "{{ input }}x"]  # fmt: skip
+
+
+@pytest.mark.parametrize("source", VERBATIM_LOOKALIKES)
+@pytest.mark.parametrize("query", TRICKY_QUERIES)
+def test_a_template_that_is_its_input_renders_as_jinja2_would(source: str, query: str) -> None:
+    """`{{ input }}` alone skips jinja2: the text must be what jinja2 itself renders, for
+    that template and for every one that only looks like it."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    jinja = ImmutableSandboxedEnvironment(autoescape=False, keep_trailing_newline=True)
+    expected = jinja.from_string(source).render(input=query)
+    assert PromptTemplates({"t": source}).render("t", query) == expected

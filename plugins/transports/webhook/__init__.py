@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +19,7 @@ from aiohttp import web
 from core.config import Config, ConfigError
 from core.events import Event
 from core.hookspecs import hookimpl
+from core.ids import new_id
 from core.keys import CONFIG, METRICS, SERVICE
 from core.outbox import Delivery
 from plugins.transports.webhook import options
@@ -47,7 +47,7 @@ def plan_deliveries(event: Event, config: Config) -> list[Delivery] | None:
     now = time.time()
     return [
         Delivery(
-            delivery_id=f"msg_{uuid.uuid4().hex}",
+            delivery_id=f"msg_{new_id()}",
             url=url,
             event_type=kind,
             payload=payload,
