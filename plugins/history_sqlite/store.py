@@ -101,11 +101,9 @@ class SqliteStore:
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        # First: several processes (workers) may share the file, and each waits for the
-        # others' writes, up to 5 s, even while setting the journal mode and the schema.
-        db.execute("PRAGMA busy_timeout=5000")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # durable across app crashes in WAL mode
+        db.execute("PRAGMA busy_timeout=5000")  # several processes may share the file
         (version,) = db.execute("PRAGMA user_version").fetchone()
         db.executescript(SCHEMA)
         if version == 1:  # a file from before leases
