@@ -71,12 +71,18 @@ class ChatbusProcess:
     """`chatbus serve` on its own port, its log in a file beside its config."""
 
     def __init__(
-        self, config: Path, port: int | None = None, *args: str, log_level: str = "warning"
+        self,
+        config: Path,
+        port: int | None = None,
+        *args: str,
+        log_level: str = "warning",
+        own_session: bool = False,
     ) -> None:
         self.config = config
         self.port = port or free_port()
         self.args = args  # more for `serve` (--workers 2)
         self.log_level = log_level
+        self.own_session = own_session  # its process group its own, as a terminal's job
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = config.with_name(f"{config.stem}-{self.port}.log")
         self.process: subprocess.Popen[bytes] | None = None
@@ -87,8 +93,9 @@ class ChatbusProcess:
         command += ["serve", "--port", str(self.port), *self.args]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log
-            )
+                command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log,
+                start_new_session=self.own_session,
+            )  # fmt: skip
         wait_until_blocking(self._listening, "chatbus serve listening", timeout=15)
         return self
 

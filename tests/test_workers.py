@@ -103,6 +103,19 @@ def alive(pid: int) -> bool:
     return True
 
 
+def kill_worker(chatbus: ChatbusProcess, pid: int) -> bool:
+    """kill -9 a worker of this supervisor, never another process that got its pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state, parent = stat.rsplit(")", 1)[1].split()[:2]
+    if int(parent) != supervisor(chatbus).pid or state == "Z":
+        return False
+    os.kill(pid, signal.SIGKILL)
+    return True
+
+
 def supervisor(chatbus: ChatbusProcess) -> subprocess.Popen[bytes]:
     assert chatbus.process is not None
     return chatbus.process
@@ -180,6 +193,44 @@ async def test_sigterm_stops_every_worker_and_the_answer_in_flight_completes(
     assert [(t.status, t.response) for t in turns] == [(Status.COMPLETED, "".join(tokens))]
 
 
+async def test_a_second_ctrl_c_reaches_every_worker_once_and_cuts_the_answers_short(
+    tmp_path: Path,
+) -> None:
+    """A terminal's Ctrl-C goes to its foreground process group; the workers are out of
+    it, so each Ctrl-C reaches them once, through the supervisor: the first waits for the
+    answers, the second cuts them short."""
+    silent = Behaviour(tokens=[FIRST, "never sent"], delay=60)
+    async with FakeUpstream(silent) as upstream:
+        config = write_config(tmp_path, upstream, grace=60)
+        chatbus = ChatbusProcess(config, None, "--workers", "2", log_level="info",
+                                 own_session=True)  # fmt: skip
+        chatbus.start()
+        try:
+            await ready(chatbus)
+            group = os.getpgid(supervisor(chatbus).pid)
+            async with aiohttp.ClientSession() as http:
+                request = {"query": "wait for me", "stream": True}
+                async with http.post(chatbus.url + "/chat/chat", json=request) as response:
+                    await response.content.readline()  # the first token's frame
+                    os.killpg(group, signal.SIGINT)  # Ctrl-C
+                    await wait_until(lambda: len(events(chatbus, "stopping")) == 2,
+                                     "both workers stopping", timeout=15)  # fmt: skip
+                    assert not events(chatbus, "stopping now")  # the grace goes on
+                    assert supervisor(chatbus).poll() is None  # waiting for the answer
+                    os.killpg(group, signal.SIGINT)  # Ctrl-C again
+                    rest = (await response.content.read()).decode()
+            code = await asyncio.to_thread(supervisor(chatbus).wait, 15)  # far below the grace
+        finally:
+            chatbus.stop()
+    assert code == 0
+    assert "shutting_down" in rest
+    (cut,) = events(chatbus, "stopping now")  # the worker answering; the other had none
+    assert cut["answers_cut"] == 1
+    async with opened_store(load_config(config)) as store:
+        (turn,) = await store.messages("default", "", 10, 0)
+    assert (turn.status, turn.error, turn.response) == (Status.CANCELLED, "shutting_down", FIRST)
+
+
 async def test_a_worker_killed_is_restarted_and_one_that_keeps_dying_stops_them_all(
     tmp_path: Path, upstream: FakeUpstream
 ) -> None:
@@ -188,7 +239,7 @@ async def test_a_worker_killed_is_restarted_and_one_that_keeps_dying_stops_them_
     chatbus.start()
     try:
         first = await ready(chatbus)
-        os.kill(first[1], signal.SIGKILL)
+        assert kill_worker(chatbus, first[1])
         await wait_until(lambda: pids(chatbus)[1] != first[1], "worker 1 back", timeout=30)
         (died,) = events(chatbus, "worker died")
         assert (died["worker"], died["pid"], died["signal"]) == (1, first[1], "SIGKILL")
@@ -198,10 +249,12 @@ async def test_a_worker_killed_is_restarted_and_one_that_keeps_dying_stops_them_
                 await chat(http, chatbus.url, query="still here")
 
         # Killed again and again as soon as it is started: the supervisor gives up.
-        async def kill_each_new_worker_1() -> bool:
+        killed: set[int] = set()
+
+        def kill_each_new_worker_1() -> bool:
             for line in events(chatbus, "worker restarted"):
-                if alive(line["pid"]):
-                    os.kill(line["pid"], signal.SIGKILL)
+                if line["pid"] not in killed and kill_worker(chatbus, line["pid"]):
+                    killed.add(line["pid"])
             return supervisor(chatbus).poll() is not None
 
         await wait_until(kill_each_new_worker_1, "the supervisor giving up", timeout=60)
