@@ -270,6 +270,30 @@ async def test_a_worker_killed_is_restarted_and_one_that_keeps_dying_stops_them_
     assert [line["worker"] for line in lines if line["event"] == "stopped"] == [0]
 
 
+async def test_a_supervisor_killed_takes_its_workers_along(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    chatbus = ChatbusProcess(write_config(tmp_path, upstream), None, "--workers", "2",
+                             log_level="info")  # fmt: skip
+    chatbus.start()
+    try:
+        workers = await ready(chatbus)
+        chatbus.kill()  # kill -9: nothing of the supervisor's own runs after it
+        await wait_until(lambda: not any(map(running, workers.values())), "workers gone", 30)
+    finally:
+        chatbus.stop()
+    assert {line["worker"] for line in events(chatbus, "stopped")} == {0, 1}  # gracefully
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan is reaped by whoever adopted it, if anyone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def test_the_workers_option_and_what_stops_it_before_any_worker_starts(tmp_path: Path) -> None:
     assert "--workers N" in run("serve", "--help").stdout
     zero = run("serve", "--workers", "0")
