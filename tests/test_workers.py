@@ -294,6 +294,47 @@ def running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+async def test_the_turn_of_a_worker_killed_mid_answer_is_ended_interrupted_by_a_live_one(
+    tmp_path: Path,
+) -> None:
+    """Each worker holds an instance lease: a worker killed -9 leaves its turn `streaming`
+    until its lease expires, then a live worker (the other, or its replacement) ends it
+    `interrupted`."""
+    silent = Behaviour(tokens=[FIRST, "never sent"], delay=60)
+    async with FakeUpstream(silent) as upstream:
+        config = write_config(tmp_path, upstream)
+        config.write_text(
+            config.read_text().replace(
+                "[history]\n", "[history]\nlease_seconds = 2\nheartbeat_seconds = 0.5\n"
+            )
+        )
+        chatbus = ChatbusProcess(config, None, "--workers", "2", log_level="info")
+        chatbus.start()
+        try:
+            workers = await ready(chatbus)
+            async with (
+                aiohttp.ClientSession() as http,
+                opened_store(load_config(config)) as store,
+                http.post(
+                    chatbus.url + "/chat/chat", json={"query": "q", "stream": True}
+                ) as response,
+            ):
+                await response.content.readline()  # the first token: the turn is stored
+                (turn,) = await store.messages("default", "", 10, 0)
+                answering = int(turn.instance_id.split(":")[1])
+                assert kill_worker(chatbus, answering)
+
+                async def ended() -> Status | None:
+                    (now,) = await store.messages("default", "", 10, 0)
+                    return now.status if now.status is not Status.STREAMING else None
+
+                status = await wait_until(ended, "the turn ended", timeout=30)
+        finally:
+            chatbus.stop()
+    assert answering in workers.values()
+    assert status is Status.INTERRUPTED
+
+
 def test_the_workers_option_and_what_stops_it_before_any_worker_starts(tmp_path: Path) -> None:
     assert "--workers N" in run("serve", "--help").stdout
     zero = run("serve", "--workers", "0")
