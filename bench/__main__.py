@@ -7,7 +7,8 @@ is driven through both its streaming routes, the same model behind each: `/chat/
 (chatchat's, one write a frame) and `/v1/chat/completions` (OpenAI's, bursts joined). Then
 the litellm path: a second chatbus whose only model is litellm's (`openai/fake-model` at the
 fast upstream, so its start-up includes the import), against litellm called directly in the
-load process. Loopback only; every child is killed on the way out, Ctrl-C included.
+load process. Between the two, /chat/chat's rate run again on a chatbus of two workers
+(`serve --workers 2`). Loopback only; every child is killed on the way out, Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from bench.procs import (
     free_port,
     rss_kb,
     wait_for_file,
+    wait_for_line,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +48,7 @@ DIRECT, CHATBUS, CHATBUS_V1 = report.DIRECT, report.CHATBUS, report.CHATBUS_V1
 LITELLM_DIRECT, CHATBUS_LITELLM = report.LITELLM_DIRECT, report.CHATBUS_LITELLM
 LITELLM_AT_USAGE = report.LITELLM_AT_USAGE
 LITELLM_KEY_ENV = "BENCH_LITELLM_API_KEY"  # the fake upstream takes any key; litellm wants one
+WORKERS = 2  # /chat/chat's rate run again with `chatbus serve --workers 2`
 
 
 @dataclass(frozen=True)
@@ -120,18 +123,24 @@ class Bench:
         return proc.pid, wait_for_file(ready, proc, self.deadline.left(15))
 
     def chatbus(
-        self, name: str, default: str, models: str
+        self, name: str, default: str, models: str, workers: int = 1
     ) -> tuple[subprocess.Popen[bytes], str, float]:
-        """Start chatbus; seconds from spawning it to its first successful answer."""
+        """Start chatbus; seconds from spawning it to its first successful answer (with
+        workers, to its "ready" line: every worker listening)."""
         config = self.tmp / f"{name}.toml"
         db = self.tmp / f"{name}.db"
         config.write_text(CONFIG.format(default=default, db=db) + models)
         port = free_port()
         argv = [sys.executable, "-m", "core.cli", "--config", str(config)]
         argv += ["serve", "--port", str(port)]
+        if workers > 1:
+            argv += ["--workers", str(workers)]
         started = time.perf_counter()
         proc = self.procs.spawn(name, argv)
         first_answer(port, proc, default, self.deadline.left(30))
+        if workers > 1:
+            wait_for_line(self.procs.logdir / f"{name}.log", '"event": "ready"', proc,
+                          self.deadline.left(30))  # fmt: skip
         return proc, f"http://127.0.0.1:{port}", time.perf_counter() - started
 
     def load(self, mode: str, kind: str, url: str, tokens: int, count: int, **opts: Any) -> Any:
@@ -150,17 +159,28 @@ class Bench:
         return dict(zip(routes, out["paths"], strict=True))
 
     def rate(
-        self, kind: str, url: str, count: int, chatbus_pid: int, upstream_pid: int, rss: bool
+        self,
+        kind: str,
+        url: str,
+        count: int,
+        chatbus_pid: int,
+        upstream_pid: int,
+        rss: bool,
+        workers: list[int] | None = None,
     ) -> dict[str, Any]:
         """A rate run with chatbus's and the upstream's CPU sampled meanwhile: the run, the
-        cores busy, the CPU an answer took in each process (and chatbus's peak RSS if `rss`)."""
+        cores busy, the CPU an answer took in each process (and chatbus's peak RSS if `rss`).
+        `workers`: chatbus's worker pids, each sampled (`chatbus` is then their sum)."""
         pids = {"chatbus": chatbus_pid, "upstream": upstream_pid}
+        pids |= {f"worker{i}": pid for i, pid in enumerate(workers or [])}
         with Sampler(chatbus_pid, pids) as sampler:
             rate = self.load(
                 "rate", kind, url, self.counts.tokens, count, concurrency=self.counts.concurrency
             )
         window = rate["window_wall"]
         cores = sampler.cores(*window)
+        if workers and cores:  # the supervisor only waits: chatbus's work is the workers'
+            cores["chatbus"] = sum(cores.pop(f"worker{i}") for i in range(len(workers)))
         per_chat = {
             name: busy * 1000 / max(rate["chats_per_s"], 1e-9) for name, busy in cores.items()
         }
@@ -270,16 +290,40 @@ def run(counts: Counts, procs: Procs, deadline: Deadline, tmp: Path) -> dict[str
     if proc.poll() is not None:
         raise BenchError(f"chatbus exited {proc.returncode} during the run")
 
+    workers = workers_rate(bench, MODELS.format(fast=fast_url, slow=slow_url), fast_pid)
     lite, lite_startup, lite_rest = litellm_paths(bench, fast_url, fast_pid)
     paths.update(lite)
     runs = [*(p[k] for p in paths.values() for k in ("seq", "rate")), *slow.values()]
+    runs.append(workers["rate"])
     return {
         "startup": {"seconds": startup, "litellm_seconds": lite_startup},
         "rss_kb": {"rest": rest, "litellm_rest": lite_rest},
         "paths": paths,
         "slow": slow,
+        "workers": workers,
         "errors_total": sum(report.errors_of(r) for r in runs),
     }
+
+
+def workers_rate(bench: Bench, models: str, fast_pid: int) -> dict[str, Any]:
+    """/chat/chat's rate run again, on a chatbus of WORKERS workers (`chatbus serve
+    --workers`): the same model, upstream and counts as the one-process run above."""
+    progress(f"starting chatbus with {WORKERS} workers")
+    proc, url, startup = bench.chatbus("chatbus-workers", "fast", models, workers=WORKERS)
+    pids = children(proc.pid)
+    if len(pids) != WORKERS:
+        raise BenchError(f"chatbus --workers {WORKERS} runs {len(pids)} workers")
+    result = bench.rate("chatbus:fast", url, bench.counts.rate_count, proc.pid, fast_pid, False,
+                        workers=pids)  # fmt: skip
+    if proc.poll() is not None:
+        raise BenchError(f"chatbus-workers exited {proc.returncode} during the run")
+    return {"count": WORKERS, "startup_seconds": startup, **result}
+
+
+def children(pid: int) -> list[int]:
+    """A live process's children (Linux)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in text.split()]
 
 
 def litellm_paths(
@@ -378,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
             results = run(counts, procs, Deadline(counts.deadline_s), Path(tmp))
         except BenchError as exc:
             print(f"bench: {exc}", file=sys.stderr)
-            for name in ("chatbus", "chatbus-litellm", "upstream-fast", "upstream-slow"):
+            names = ("chatbus", "chatbus-workers", "chatbus-litellm", "upstream-fast",
+                     "upstream-slow")  # fmt: skip
+            for name in names:
                 print(f"--- {name} log:\n{procs.log_tail(name)}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:

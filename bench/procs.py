@@ -130,6 +130,18 @@ def wait_for_file(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> 
     raise BenchError(f"{proc.args!r} not ready after {timeout:.0f} s")
 
 
+def wait_for_line(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Until a child's log at `path` has a line containing `text`."""
+    ends = time.monotonic() + timeout
+    while time.monotonic() < ends:
+        if path.exists() and any(text in line for line in path.read_text().splitlines()):
+            return
+        if proc.poll() is not None:
+            raise BenchError(f"{proc.args!r} exited {proc.returncode} before it was ready")
+        time.sleep(0.01)
+    raise BenchError(f"{proc.args!r} not ready after {timeout:.0f} s")
+
+
 def rss_kb(pid: int) -> int | None:
     """VmRSS of a live process, in KiB."""
     try:

@@ -204,6 +204,10 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         *_routes_table(r),
         "",
+        f"## Workers: /chat/chat at concurrency {c['concurrency']}",
+        "",
+        *_workers_table(r),
+        "",
         f"## Slow streams: {c['slow_streams']} at once, a token every {c['slow_gap_ms']:.0f} ms",
         "",
         *_slow_table(r),
@@ -318,6 +322,28 @@ def _routes_table(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _workers_table(r: dict[str, Any]) -> list[str]:
+    """chats/s of /chat/chat with one process (the main run's) and with `--workers`: the same
+    model, upstream and counts; every process shares the machine's CPUs."""
+    one, many = r["paths"][CHATBUS], r["workers"]
+    rows = [
+        "| workers | chats/s | vs 1 worker | latency under load p50 / p99 | chatbus CPUs busy"
+        " | chatbus CPU per answer | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for count, run in ((1, one), (many["count"], many)):
+        rate = run["rate"]
+        cores = run.get("cpu_cores", {}).get("chatbus")
+        rows.append(
+            f"| {count} | {rate['chats_per_s']:.0f}"
+            f" | {rate['chats_per_s'] / one['rate']['chats_per_s']:.0%}"
+            f" | {ms(rate['latency_ms']['p50'])} / {ms(rate['latency_ms']['p99'])}"
+            f" | {'—' if cores is None else f'{cores:.2f}'}"
+            f" | {ms(run['cpu_ms_per_chat'].get('chatbus'))} | {errors_of(rate)} |"
+        )
+    return rows
+
+
 def _ratio(ratio: float | None) -> str:
     return "—" if ratio is None else f"{ratio:.2f}"
 
@@ -368,6 +394,12 @@ def _notes(r: dict[str, Any]) -> list[str]:
         " stream is open; the direct row is the floor for the same machine and client",
         "- the load generator runs with its garbage collector off, so its own pauses are not"
         " charged to either path; the upstream and chatbus run as they are",
+        f"- workers: the 1-worker row is the run of `chatbus openai_compat` above; the"
+        f" {r['workers']['count']}-worker row a chatbus started with `serve --workers"
+        f" {r['workers']['count']}` (SO_REUSEPORT; its CPU is its workers' sum), the same"
+        f" counts, after the slow streams; the {r['machine']['nproc']} CPUs are shared with"
+        " the upstream and the load generator, so more workers pay when chatbus has cores"
+        " of its own",
         *_v1_notes(r),
         *_litellm_notes(r),
     ]

@@ -82,6 +82,9 @@ class ServerConfig(Section):
     port: int = Field(7861, ge=0, le=65535)
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
     shutdown_grace_seconds: float = Field(30.0, ge=0)
+    # Processes serving the port together (SO_REUSEPORT, Linux), each with its own event
+    # loop; 1: one process, no supervisor.
+    workers: int = Field(1, ge=1)
     access_log: bool = True  # one log line per request (method, path, status, ms)
     # Slow and idle clients (none of these limits a response being streamed). A client sends
     # its request line and headers in one write: 10 s is generous even on a bad mobile link,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -25,9 +26,12 @@ GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython: 7
 HANDLERS_CLOSE_SECONDS = 0.2
 
 
-async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
+async def start(
+    app: web.Application, host: str, port: int, reuse_port: bool = False
+) -> web.AppRunner:
     """Start serving `app`; `runner.addresses` tells the bound port when `port` is 0.
-    `runner.cleanup()` shuts it down (core/app.py says how, within the configured grace)."""
+    `runner.cleanup()` shuts it down (core/app.py says how, within the configured grace).
+    `reuse_port`: share the port with other processes (SO_REUSEPORT; the workers)."""
     limits = app[CONFIG].server if CONFIG in app else ServerConfig()  # a bare app: defaults
     # A client that disconnects cancels its handler at once, which cancels the upstream call.
     runner = EdgeRunner(
@@ -41,17 +45,19 @@ async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, backlog=4096).start()
+        await web.TCPSite(runner, host, port, backlog=4096, reuse_port=reuse_port).start()
     except BaseException:
         await runner.cleanup()
         raise
     return runner
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, on_ready: Callable[[str], None] | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then stop accepting, let answers finish for the grace,
     cut the rest short and exit, within the grace and a second; a second signal ends the
-    grace at once. An OSError while starting to listen (a port in use) propagates."""
+    grace at once. An OSError while starting to listen (a port in use) propagates.
+    `on_ready(url)` is called once listening (default: the "ready" log line); a worker of
+    several (`server.workers`) passes its own and shares the port (core/cli/workers.py)."""
     check_exposure(config.server.host, config.auth)
     pm = plugin_manager(config)
     loaded = extra_plugins(pm)  # before the app: built-ins register objects of their own there
@@ -61,17 +67,15 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # before listening: a signal is never lost
         loop.add_signal_handler(sig, _on_signal, stop, app)
-    runner = await start(app, server.host, server.port)
+    runner = await start(app, server.host, server.port, reuse_port=server.workers > 1)
     host, port = runner.addresses[0][:2]
     _settle_memory()
     log.info("plugins", builtin=len(BUILTIN_PLUGINS), loaded=loaded)
-    log.info(
-        "ready",
-        url=f"http://{host}:{port}",
-        default_model=config.default_model,
-        store=config.history.backend,
-        config=_file_of(config),
-    )
+    url = f"http://{host}:{port}"
+    if on_ready is None:
+        log_ready(config, url)
+    else:
+        on_ready(url)
     try:
         await stop.wait()
         log.info(
@@ -83,6 +87,18 @@ async def serve(config: Config) -> None:
     finally:
         await runner.cleanup()
         log.info("stopped")
+
+
+def log_ready(config: Config, url: str, **more: object) -> None:
+    """The one "ready" line: where chatbus listens, on what model, store and configuration."""
+    log.info(
+        "ready",
+        url=url,
+        default_model=config.default_model,
+        store=config.history.backend,
+        config=_file_of(config),
+        **more,
+    )
 
 
 def _file_of(config: Config) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import signal
 import socket
@@ -69,21 +70,32 @@ class Receiver:
 class ChatbusProcess:
     """`chatbus serve` on its own port, its log in a file beside its config."""
 
-    def __init__(self, config: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        port: int | None = None,
+        *args: str,
+        log_level: str = "warning",
+        own_session: bool = False,
+    ) -> None:
         self.config = config
         self.port = port or free_port()
+        self.args = args  # more for `serve` (--workers 2)
+        self.log_level = log_level
+        self.own_session = own_session  # its process group its own, as a terminal's job
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = config.with_name(f"{config.stem}-{self.port}.log")
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ChatbusProcess:
         env = {**os.environ, SECRET_ENV: SECRET}
-        command = [*CHATBUS, "--config", str(self.config), "--log-level", "warning"]
-        command += ["serve", "--port", str(self.port)]
+        command = [*CHATBUS, "--config", str(self.config), "--log-level", self.log_level]
+        command += ["serve", "--port", str(self.port), *self.args]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log
-            )
+                command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log,
+                start_new_session=self.own_session,
+            )  # fmt: skip
         wait_until_blocking(self._listening, "chatbus serve listening", timeout=15)
         return self
 
@@ -92,6 +104,15 @@ class ChatbusProcess:
         assert self.process.poll() is None, self.log.read_text()[-2000:]
         with socket.socket() as probe:
             return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The JSON lines of its log so far (stderr is no terminal); the others, and a line
+        still being written, left out."""
+        lines = []
+        for text in self.log.read_text().splitlines():
+            with contextlib.suppress(orjson.JSONDecodeError):
+                lines.append(orjson.loads(text))
+        return lines
 
     def kill(self) -> None:
         """kill -9: nothing of the process's own runs after it."""

@@ -86,6 +86,12 @@ def test_quick_bench_writes_the_report(tmp_path: Path) -> None:
     assert "| information |" in text
     assert "## Targets" in text
     assert text in done.stdout  # the same table is printed
+    # /chat/chat's chats/s at concurrency 100 with one process and with two workers.
+    workers = text.split("## Workers: /chat/chat at concurrency 100", 1)[1].split("##", 1)[0]
+    assert [row.split(" | ")[0] for row in workers.splitlines() if row[:3] in ("| 1", "| 2")] == [
+        "| 1",
+        "| 2",
+    ]
 
     results = orjson.loads(out.with_suffix(".json").read_bytes())
     assert results["quick"] is True
@@ -97,6 +103,10 @@ def test_quick_bench_writes_the_report(tmp_path: Path) -> None:
         assert results["slow"][path]["errors"]["total"] == 0
         assert results["slow"][path]["all_open_at_once"]
     assert results["paths"]["chatbus_v1"]["cpu_ms_per_chat"]["client"] > 0
+    assert results["workers"]["count"] == 2
+    assert results["workers"]["rate"]["errors"]["total"] == 0
+    assert results["workers"]["rate"]["chats_per_s"] > 0
+    assert results["workers"]["cpu_ms_per_chat"]["chatbus"] > 0  # the workers', summed
     # direct, /chat/chat and /v1 took turns in one sequential run: /v1 is paired with both.
     v1 = results["paths"]["chatbus_v1"]["seq"]
     assert v1["count"] == results["paths"]["direct"]["seq"]["count"]

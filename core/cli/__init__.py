@@ -15,6 +15,7 @@ import structlog
 
 from core.cli.chatting import chat_command
 from core.cli.listing import conversations_command, models_command, outbox_command
+from core.cli.running import config_problem
 from core.cli.serving import serve_command
 from core.config import ConfigError
 from core.config_sources import load_config, misnamed_overrides
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.run(config, args)
         return code
     except ConfigError as exc:  # found while building what the config names
-        print(f"chatbus: configuration error: {config.source}: {exc}", file=sys.stderr)
+        print(config_problem(config, exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -66,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     serve = command("serve", "serve the HTTP API")
     serve.add_argument("--host", help="address to listen on (default: config, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: config, 7861)")
+    serve.add_argument(
+        "--workers",
+        type=_at_least_one,
+        metavar="N",
+        help="processes serving the port together (SO_REUSEPORT, Linux; default: config, 1)",
+    )
     serve.set_defaults(run=serve_command)
 
     chat = command(
@@ -109,6 +116,16 @@ def _parser() -> argparse.ArgumentParser:
     redeliver.add_argument("delivery_id")
     redeliver.set_defaults(run=outbox_command, action="redeliver")
     return parser
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {number}")
+    return number
 
 
 def _version() -> str:

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from core.config import Config
+from core.config import Config, ConfigError
 from core.history import HistoryStore
 
 T = TypeVar("T")
@@ -26,6 +26,11 @@ async def opened_store(config: Config) -> AsyncIterator[HistoryStore]:
         yield store
     finally:
         await store.close()
+
+
+def config_problem(config: Config, exc: ConfigError) -> str:
+    """A configuration problem found while building what the config names, in one line."""
+    return f"chatbus: configuration error: {config.source}: {exc}"
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
