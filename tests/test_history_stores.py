@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from chatbus.testing.store_contract import StoreContract
+from chatbus.testing.store_contract import StoreContract, record
 from core.history import HistoryStore
 from plugins.history_mongo.store import MongoStore
 from plugins.history_sqlite.store import SqliteStore
@@ -57,3 +57,35 @@ class TestMongoStoreWithoutTransactions(StoreContract):
         assert opened.transactions is False
         yield opened
         await opened.close()
+
+
+async def test_a_mongo_database_from_before_the_summaries_gets_them_built(
+    mongodb: MongoDatabase,
+) -> None:
+    """Turns stored before `<collection>_conversations` existed: the first start-up that
+    finds it missing builds it from them, once."""
+    first = await open_mongo_store(mongodb, transactions=None)
+    try:
+        for i, (conversation, query) in enumerate([("a", "a1"), ("b", "b1"), ("a", "a2")]):
+            await first.add_message(
+                record(f"m{i}", query, conversation_id=conversation, created_at=float(i))
+            )
+        await first.add_message(record("n", "none", conversation_id=""))
+    finally:
+        await first.close()
+    from pymongo import AsyncMongoClient
+
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(mongodb.uri)
+    try:
+        await client[mongodb.name].drop_collection("messages_conversations")  # as before it
+    finally:
+        await client.close()
+    for _ in range(2):
+        store = await open_mongo_store(mongodb, transactions=None)
+        try:
+            listed = await store.conversations("default", 10, 0)
+        finally:
+            await store.close()
+        summaries = [(c.conversation_id, c.turns, c.first_query, c.created_at, c.updated_at)
+                     for c in listed]  # fmt: skip
+        assert summaries == [("a", 2, "a1", 0.0, 2.0), ("b", 1, "b1", 1.0, 1.0)]
