@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -53,6 +53,7 @@ LISTER, CHATTER = "tenant-0", "chatter"  # the chatting tenant has no filled tur
 KEYS = {LISTER: "bench-lister-0123456789abcdef", CHATTER: "bench-chatter-0123456789abcdef"}
 TOKENS = 20
 PAGE = 20  # conversations a listing asks for
+ROUNDS = 3  # blocks of chats alone and under listing load, taken in turns
 MEASURE_CAP_S = 60.0  # the most one series of requests may take (its count says how many)
 MONGO_FILL_BUDGET_S = 300.0  # a size whose fill would take longer is skipped on MongoDB
 REQUEST_LIMITS = aiohttp.ClientTimeout(total=30)
@@ -284,27 +285,58 @@ class StoreBench:
         return proc, url
 
     def measure(self, name: str, url: str) -> dict[str, Any]:
-        """Listings, then chats alone, then chats under the listing load of a child."""
+        """Listings; then chats alone and chats under the listing load of a child, in turns
+        (ROUNDS blocks of each), so that the machine's drift falls on both alike."""
         c = self.counts
-        progress(f"{name}: {c.listings} listings, {c.chats} chats alone")
-        alone = asyncio.run(_listings_and_chats(url, c))
-        ready = self.tmp / f"{name}.load-ready"
+        progress(f"{name}: {c.listings} listings, then {c.listings} cursor pages")
+        listing, pages = asyncio.run(_listings(url, c))
+        alone, under, loads = Series(), Series(), []
+        block, warmup = c.chats // ROUNDS, c.warmup // ROUNDS
+        for round_ in range(ROUNDS):
+            progress(f"{name}: round {round_ + 1}/{ROUNDS}, {block} chats alone, {block}"
+                     f" under {c.load_rate:.0f} listings/s")  # fmt: skip
+            asyncio.run(_chats(url, block, warmup, alone))
+            loads.append(self._under_load(f"{name}-load-{round_}", url, block, warmup, under))
+        return {
+            "listing": listing.json(),
+            "cursor_pages": pages.json(),
+            "chat_alone": alone.json(),
+            "chat_under_load": under.json(),
+            "load": _merged(loads),
+        }
+
+    def _under_load(
+        self, name: str, url: str, count: int, warmup: int, into: Series
+    ) -> dict[str, Any]:
+        """`count` chats while a child lists; what the child measured."""
+        c = self.counts
+        ready = self.tmp / f"{name}.ready"
         argv = [sys.executable, "-m", "bench.store", "listing-load", "--url", url]
         argv += ["--key", KEYS[LISTER], "--clients", str(c.load_clients)]
         argv += ["--rate", str(c.load_rate), "--ready-file", str(ready)]
-        load = self.procs.spawn(f"{name}-load", argv, stdout=subprocess.PIPE)
+        load = self.procs.spawn(name, argv, stdout=subprocess.PIPE)
         try:
             wait_for_file(ready, load, self.deadline.left(30))
-            progress(f"{name}: {c.chats} chats under {c.load_rate:.0f} listings/s")
-            under = asyncio.run(_chats(url, c.chats, c.warmup))
+            asyncio.run(_chats(url, count, warmup, into))
         finally:
             load.send_signal(signal.SIGTERM)  # it stops listing, and says how it went
         out, _ = load.communicate(timeout=self.deadline.left(30))
         if load.returncode != 0:
-            raise BenchError(
-                f"the listing load exited {load.returncode}:\n{self.procs.log_tail(name + '-load')}"
-            )
-        return {**alone, "chat_under_load": under, "load": orjson.loads(out)}
+            tail = self.procs.log_tail(name)
+            raise BenchError(f"the listing load exited {load.returncode}:\n{tail}")
+        found: dict[str, Any] = orjson.loads(out)
+        return found
+
+
+def _merged(loads: list[dict[str, Any]]) -> dict[str, Any]:
+    """The listing load's rounds as one: listings a second, latencies, errors."""
+    times = [ms for load in loads for ms in load["times"]]
+    seconds = sum(load["seconds"] for load in loads)
+    return {
+        "listings_per_s": len(times) / max(seconds, 1e-9),
+        "latency_ms": summary(times),
+        "errors": {"total": sum(load["errors"]["total"] for load in loads)},
+    }
 
 
 async def _until_ready(url: str, proc: subprocess.Popen[bytes], seconds: float) -> None:
@@ -334,10 +366,22 @@ def _chat_target(url: str) -> Target:
     return Target.of("chatbus:fast", url, TOKENS)
 
 
-async def _timed(count: int, warmup: int, once: Callable[[], Awaitable[None]]) -> dict[str, Any]:
+@dataclass
+class Series:
+    """One kind of request's latencies (ms) and errors, over one run or several."""
+
+    times: list[float] = field(default_factory=list)
+    errors: Errors = field(default_factory=Errors)
+
+    def json(self) -> dict[str, Any]:
+        return {"latency_ms": summary(self.times), "errors": self.errors.json()}
+
+
+async def _timed(
+    count: int, warmup: int, once: Callable[[], Awaitable[None]], into: Series
+) -> None:
     """`count` calls of `once` one after another (after `warmup` untimed), or as many as
-    fit in MEASURE_CAP_S (a slow store): their latency summary in ms, and the errors."""
-    errors, times = Errors(), []
+    fit in MEASURE_CAP_S (a slow store), into `into`."""
     ends = time.perf_counter() + MEASURE_CAP_S
     for n in range(warmup + count):
         started = time.perf_counter()
@@ -346,17 +390,16 @@ async def _timed(count: int, warmup: int, once: Callable[[], Awaitable[None]]) -
         try:
             await once()
         except FAILURES as exc:
-            errors.add(exc)
+            into.errors.add(exc)
             continue
         if n >= warmup:
-            times.append((time.perf_counter() - started) * 1000)
-    return {"latency_ms": summary(times), "errors": errors.json()}
+            into.times.append((time.perf_counter() - started) * 1000)
 
 
-async def _chats(url: str, count: int, warmup: int) -> dict[str, Any]:
+async def _chats(url: str, count: int, warmup: int, into: Series) -> None:
     target = _chat_target(url)
     async with _session(CHATTER) as session:
-        return await _timed(count, warmup, lambda: chat(session, target, REQUEST_LIMITS))
+        await _timed(count, warmup, lambda: chat(session, target, REQUEST_LIMITS), into)
 
 
 async def list_once(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
@@ -370,14 +413,16 @@ async def list_once(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
     return body
 
 
-async def _listings_and_chats(url: str, c: Counts) -> dict[str, Any]:
+async def _listings(url: str, c: Counts) -> tuple[Series, Series]:
+    """The first page, again and again; then pages followed by `next_cursor`."""
     first_page = f"{url}/conversations?limit={PAGE}"
+    listing, pages = Series(), Series()
     async with _session(LISTER) as session:
 
         async def list_first() -> None:
             await list_once(session, first_page)
 
-        listing = await _timed(c.listings, c.warmup, list_first)
+        await _timed(c.listings, c.warmup, list_first, listing)
         cursor = [(await list_once(session, first_page))["next_cursor"]]
 
         async def next_page() -> None:
@@ -389,9 +434,8 @@ async def _listings_and_chats(url: str, c: Counts) -> dict[str, Any]:
                 cursor[0] = None
                 raise
 
-        pages = await _timed(c.listings, 0, next_page)
-    chats = await _chats(url, c.chats, c.warmup)
-    return {"listing": listing, "cursor_pages": pages, "chat_alone": chats}
+        await _timed(c.listings, 0, next_page, pages)
+    return listing, pages
 
 
 def run_size(bench: StoreBench, fill: Fill, turns: int, added: int) -> dict[str, Any]:
@@ -438,7 +482,7 @@ def run_store(
                 if projected > MONGO_FILL_BUDGET_S:
                     notes.append(
                         f"MongoDB (SecantusDB) at {turns:,} turns skipped: filling would take"
-                        f" about {projected / 60:.0f} min at the"
+                        f" about {projected / 60:.1f} min at the"
                         f" {rows[-1]['fill_turns_per_s']:,.0f} turns/s measured (over the"
                         f" {MONGO_FILL_BUDGET_S / 60:.0f} min budget)"
                     )
@@ -495,8 +539,7 @@ async def listing_load(args: argparse.Namespace) -> dict[str, Any]:
         began = time.perf_counter()
         await asyncio.gather(*(client(session) for _ in range(args.clients)))
         seconds = time.perf_counter() - began
-    return {"listings_per_s": len(times) / max(seconds, 1e-9), "latency_ms": summary(times),
-            "errors": errors.json()}  # fmt: skip
+    return {"seconds": seconds, "times": times, "errors": errors.json()}
 
 
 # The report
@@ -571,9 +614,10 @@ def render(results: dict[str, Any]) -> str:
         f" over loopback: `GET /conversations?limit=20` for the tenant with a quarter of the"
         f" conversations ({c['listings']} first pages, then {c['listings']} pages followed by"
         f" `next_cursor`), and another tenant's `/chat/chat` ({TOKENS} tokens from the fake"
-        f" upstream; {c['chats']} chats one after another) alone, then while another process"
-        f" lists at {c['load_rate']:.0f} listings/s ({c['load_clients']} clients). Latencies in"
-        " ms, whole answers.",
+        f" upstream; chats one after another) alone and while another process lists at"
+        f" {c['load_rate']:.0f} listings/s ({c['load_clients']} clients), in turns:"
+        f" {ROUNDS} blocks of {c['chats'] // ROUNDS} chats each way. Latencies in ms, whole"
+        " answers; the load's own listing rate and p50 in the last column.",
         "",
         *table(results["rows"]),
         "",

@@ -227,15 +227,15 @@ class SqliteStore:
     async def conversations(
         self, tenant: str, limit: int, offset: int, after: ListingKey | None = None
     ) -> list[Conversation]:
-        where, params = "tenant = ?", list[Any]([tenant])
-        if after is not None:  # a row value: the index's range, from just past the key
-            where += " AND (last_seq, conversation_id) < (?, ?)"
-            params += [after.last_seq, after.conversation_id]
+        # Past the key: a row value, so that the index's range starts just after it.
+        past, key = ("", ()) if after is None else (
+            " AND (last_seq, conversation_id) < (?, ?)", (after.last_seq, after.conversation_id)
+        )  # fmt: skip
         rows = await self._read(
             "SELECT conversation_id, turns, first_query, created_at, updated_at, last_seq"
-            f" FROM conversations WHERE {where}"
+            f" FROM conversations WHERE tenant = ?{past}"
             " ORDER BY last_seq DESC, conversation_id DESC LIMIT ? OFFSET ?",
-            (*params, max(limit, 0), max(offset, 0)),
+            (tenant, *key, max(limit, 0), max(offset, 0)),
         )
         return [Conversation(*row) for row in rows]
 
