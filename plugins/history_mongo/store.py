@@ -10,7 +10,9 @@ A conversation's summary (its turns, first query, first and last activity) is a 
 of `<collection>_conversations`, upserted with each turn it gains: a listing reads a page
 of it by an index, so its cost grows with the page, not with the history (an aggregation
 over the turns would group every turn of the tenant to sort by last activity). A database
-from before it gets it built from the turns on the first start-up that finds it missing."""
+from before it gets it built from the turns at start-up, once (`BUILT` marks it done).
+Upgrade every instance together: one running older code lists from the turns and counts
+no summary."""
 
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from plugins.history_mongo.outbox import MongoOutbox
 log = structlog.get_logger("chatbus.history_mongo")
 DUPLICATE_KEY = 11000  # MongoDB's error code
 BUILD_BATCH = 1000  # summaries written at a time when building them from the turns
+BUILT = "built from the turns"  # the `_id` of the mark that the summaries were built
 LOCKED_WAIT_MS = 500  # how long a claim waits for a turn that another write holds
 FIELDS = (
     "conversation_id", "tenant", "chat_type", "query", "response", "status", "model",
@@ -63,7 +66,6 @@ class MongoStore:
         self._messages = client[database][collection]
         self._instances = client[database][f"{collection}_instances"]
         self._conversations = client[database][f"{collection}_conversations"]
-        self._database = client[database]
         self.outbox = MongoOutbox(client[database][f"{collection}_outbox"], self._messages)
         self._transactions = transactions
         self._prepared = False
@@ -337,11 +339,8 @@ class MongoStore:
         log.info("MongoDB store ready", transactions=self._transactions)
 
     async def _prepare_conversations(self) -> None:
-        """The summaries' indexes; built from the turns when the collection is missing (a
-        database from before it). Instances starting together may both build: an
-        existing summary is kept."""
-        names = await self._database.list_collection_names()
-        missing = self._conversations.name not in names
+        """The summaries' indexes; built from the turns unless that was done (a database
+        from before them: once, and again after a crash during the build)."""
         await self._conversations.create_index(
             [("tenant", ASCENDING), ("conversation_id", ASCENDING)],
             name="by_conversation", unique=True,
@@ -350,10 +349,12 @@ class MongoStore:
             [("tenant", ASCENDING), ("last_seq", DESCENDING), ("conversation_id", DESCENDING)],
             name="by_activity",
         )
-        if missing:
+        if await self._conversations.find_one({"_id": BUILT}) is None:
             await self._build_conversations()
 
     async def _build_conversations(self) -> None:
+        """Each conversation's summary, counted from its turns; one that exists is kept (an
+        instance counting live turns, or a build that a crash cut short, wrote it)."""
         pipeline = [
             {"$match": {"conversation_id": {"$ne": ""}}},
             {"$sort": {"seq": ASCENDING}},
@@ -368,20 +369,31 @@ class MongoStore:
                 }
             },
         ]
-        cursor = self._messages.aggregate(pipeline)
+        cursor = self._messages.aggregate(pipeline, allowDiskUse=True)
         if inspect.isawaitable(cursor):  # PyMongo's async API awaits it
             cursor = await cursor
-        summaries = [{**row.pop("_id"), **row} async for row in cursor]
-        for start in range(0, len(summaries), BUILD_BATCH):
-            try:
-                await self._conversations.insert_many(
-                    summaries[start : start + BUILD_BATCH], ordered=False
-                )
-            except BulkWriteError as exc:  # another instance built some of them first
-                if any(e["code"] != DUPLICATE_KEY for e in exc.details["writeErrors"]):
-                    raise
-        if summaries:
-            log.info("MongoDB conversations built from the turns", conversations=len(summaries))
+        built, batch = 0, []
+        async for row in cursor:
+            batch.append({**row.pop("_id"), **row})
+            if len(batch) == BUILD_BATCH:
+                built += await self._insert_new_summaries(batch)
+                batch = []
+        built += await self._insert_new_summaries(batch)
+        # Marked built: no tenant, so never listed (and alone without one in the index).
+        await self._conversations.update_one({"_id": BUILT}, {"$set": {"at": time.time()}},
+                                             upsert=True)  # fmt: skip
+        if built:
+            log.info("MongoDB conversations built from the turns", conversations=built)
+
+    async def _insert_new_summaries(self, summaries: list[dict[str, Any]]) -> int:
+        if not summaries:
+            return 0
+        try:
+            await self._conversations.insert_many(summaries, ordered=False)
+        except BulkWriteError as exc:  # some exist already: kept
+            if any(error["code"] != DUPLICATE_KEY for error in exc.details["writeErrors"]):
+                raise
+        return len(summaries)
 
     async def _has_transactions(self) -> bool:
         """A replica set member (`setName`) or a mongos (`isdbgrid`) with sessions runs
