@@ -9,7 +9,7 @@ SERVE_STAMP := $(VENV)/.installed-serve
 # Everything `make test`, `make lint` and `make bench` need (serving's install, and more).
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint bench clean
+.PHONY: serve test lint bench bench-store clean
 
 serve: $(SERVE_STAMP)
 	$(BIN)/chatbus serve
@@ -19,6 +19,10 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# The history stores at 10k, 100k and 1M turns (bench/results/store.md); --quick: 10k only.
+bench-store: $(STAMP)
+	$(BIN)/python -m bench.store
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -214,7 +214,8 @@ async def attempt(
 def summary(values: list[float]) -> dict[str, float | int | None]:
     """Count, mean and nearest-rank percentiles of `values` (milliseconds in, out)."""
     if not values:
-        return {"count": 0, "min": None, "p50": None, "p90": None, "p99": None, "max": None}
+        return {"count": 0, "min": None, "p50": None, "p90": None, "p95": None, "p99": None,
+                "max": None}  # fmt: skip
     ordered = sorted(values)
 
     def rank(q: float) -> float:
@@ -226,6 +227,7 @@ def summary(values: list[float]) -> dict[str, float | int | None]:
         "mean": sum(ordered) / len(ordered),
         "p50": rank(0.50),
         "p90": rank(0.90),
+        "p95": rank(0.95),
         "p99": rank(0.99),
         "max": ordered[-1],
     }

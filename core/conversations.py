@@ -6,14 +6,17 @@ for it (404, never 403, so that ids do not leak).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from core.chat import Caller
-from core.history import Conversation, HistoryStore, MessageRecord, Status
+from core.history import Conversation, HistoryStore, ListingKey, MessageRecord, Status
 from core.keys import SERVICE
 from core.openapi import ResponseModel, operation
 from core.web import ApiError, json_response
@@ -22,6 +25,7 @@ CONVERSATIONS_LIMIT, CONVERSATIONS_MAX = 20, 100
 MESSAGES_LIMIT, MESSAGES_MAX = 50, 200
 OFFSET_MAX = 1_000_000_000  # beyond any real count; keeps the value in every store's range
 _INTEGER = re.compile(r"-?[0-9]{1,12}")
+CURSOR_MAX_CHARS = 2048  # a cursor holds a conversation id; ids are far shorter
 
 CallerOf = Callable[[web.Request], Caller]
 
@@ -41,9 +45,12 @@ class Page(ResponseModel):
 
 
 class ConversationsPage(Page):
-    """The caller's conversations, the most recently active first."""
+    """The caller's conversations, the most recently active first. Page on with
+    `next_offset`, or with `next_cursor` (keyset paging: no conversation is listed twice,
+    however many turns are added meanwhile, and a deep page costs what the first does)."""
 
     conversations: list[ConversationSummary]
+    next_cursor: str | None  # null on the last page; pass it as `cursor` for the next one
 
 
 class Feedback(ResponseModel):
@@ -96,7 +103,19 @@ def page_parameters(default_limit: int, max_limit: int) -> dict[str, dict[str, A
     }
 
 
+def cursor_parameter() -> dict[str, dict[str, Any]]:
+    """`cursor`, as /openapi.json describes it (`_cursor` reads it)."""
+    return {
+        "cursor": {
+            "type": "string",
+            "maxLength": CURSOR_MAX_CHARS,
+            "description": "A page's `next_cursor`: the page after it. Not with `offset`.",
+        }
+    }
+
+
 BAD_PAGE = "limit or offset out of range"
+BAD_CURSOR = "cursor: not one a page gave, or given with offset"
 NOT_FOUND = "The caller has no such conversation."
 STORE_DOWN = "The history store is unavailable."
 
@@ -116,19 +135,27 @@ class ConversationRoutes:
     @operation(
         "List conversations",
         responses={200: ConversationsPage},
-        query=page_parameters(CONVERSATIONS_LIMIT, CONVERSATIONS_MAX),
-        errors={422: BAD_PAGE, 503: STORE_DOWN},
+        query={**page_parameters(CONVERSATIONS_LIMIT, CONVERSATIONS_MAX), **cursor_parameter()},
+        errors={400: BAD_CURSOR, 422: BAD_PAGE, 503: STORE_DOWN},
         tags=["conversations"],
     )
     async def list_conversations(self, request: web.Request) -> web.Response:
-        """The caller's conversations, the most recently active first, paged."""
+        """The caller's conversations, the most recently active first, paged by offset or
+        by cursor."""
         limit, offset = _page(request, CONVERSATIONS_LIMIT, CONVERSATIONS_MAX)
+        after = _cursor(request)
         tenant = self._caller_of(request).tenant
-        found = await _store(request).conversations(tenant, limit, offset)
+        found = await _store(request).conversations(tenant, limit, offset, after)
+        # With a cursor there is no offset to page on from: only the next cursor.
+        paging = _paging(limit, offset, len(found))
+        if after is not None:
+            paging["next_offset"] = None
+        last_page = len(found) < limit
         return json_response(
             {
                 "conversations": [_conversation(conversation) for conversation in found],
-                **_paging(limit, offset, len(found)),
+                **paging,
+                "next_cursor": None if last_page else encode_cursor(found[-1].key),
             }
         )
 
@@ -184,6 +211,41 @@ def _page(request: web.Request, default_limit: int, max_limit: int) -> tuple[int
     limit = _query_int(request, "limit", default_limit, 1, max_limit)
     offset = _query_int(request, "offset", 0, 0, OFFSET_MAX)
     return limit, offset
+
+
+def encode_cursor(key: ListingKey) -> str:
+    """Opaque to clients: base64url of the last listed conversation's place."""
+    packed = orjson.dumps([key.last_seq, key.conversation_id])
+    return base64.urlsafe_b64encode(packed).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> ListingKey | None:
+    """The place `encode_cursor` packed; None for anything else."""
+    if len(cursor) > CURSOR_MAX_CHARS:
+        return None
+    try:
+        packed = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        last_seq, conversation_id = orjson.loads(packed)
+    except (binascii.Error, ValueError, TypeError):  # orjson's JSONDecodeError is a ValueError
+        return None
+    if type(last_seq) is not int or not isinstance(conversation_id, str):
+        return None
+    return ListingKey(last_seq, conversation_id)
+
+
+def _cursor(request: web.Request) -> ListingKey | None:
+    """`cursor` from the query string; a bad one (or one beside `offset`) is a 400."""
+    raw = request.query.get("cursor")
+    if raw is None:
+        return None
+    if "offset" in request.query:
+        raise ApiError(400, "invalid_cursor", "cursor: give cursor or offset, not both",
+                       field="cursor")  # fmt: skip
+    key = decode_cursor(raw)
+    if key is None:
+        raise ApiError(400, "invalid_cursor", "cursor: not a cursor a page gave (its"
+                       " next_cursor, unchanged)", field="cursor")  # fmt: skip
+    return key
 
 
 def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:

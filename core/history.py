@@ -105,12 +105,26 @@ class Turn:
 
 
 @dataclass(frozen=True, slots=True)
+class ListingKey:
+    """A place in a tenant's conversations, the most recently active first: where keyset
+    paging resumes (the page after it starts with the next less recently active)."""
+
+    last_seq: int  # the store's order of its conversation's latest turn
+    conversation_id: str  # breaks ties (on MongoDB two instances may stamp the same seq)
+
+
+@dataclass(frozen=True, slots=True)
 class Conversation:
     conversation_id: str
     turns: int
     first_query: str
     created_at: float
     updated_at: float
+    last_seq: int = 0  # the store's order of its latest turn: listings are by it, newest first
+
+    @property
+    def key(self) -> ListingKey:
+        return ListingKey(self.last_seq, self.conversation_id)
 
 
 class HistoryStore(Protocol):
@@ -152,8 +166,12 @@ class HistoryStore(Protocol):
         """Record feedback; the updated record, or None when the tenant has no such message."""
         ...
 
-    async def conversations(self, tenant: str, limit: int, offset: int) -> list[Conversation]:
-        """The tenant's conversations, the most recently active first."""
+    async def conversations(
+        self, tenant: str, limit: int, offset: int, after: ListingKey | None = None
+    ) -> list[Conversation]:
+        """The tenant's conversations, the most recently active first, from just `after`
+        that key (keyset paging) when given, skipping `offset` of them. Its cost grows with
+        the page, not with the history."""
         ...
 
     async def messages(

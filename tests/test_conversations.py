@@ -77,10 +77,60 @@ async def test_conversations_are_paged(chatbus: Chatbus) -> None:
     assert (len(listed(body)), body["limit"]) == (5, 100)
 
 
+async def test_conversations_are_paged_by_cursor(chatbus: Chatbus) -> None:
+    for name in "abcde":
+        await turn(chatbus, name, f"about {name}")
+    status, body = await get(chatbus, "/conversations?limit=2")
+    assert (status, listed(body), body["next_offset"]) == (200, ["e", "d"], 2)
+    cursor = body["next_cursor"]
+    assert isinstance(cursor, str) and cursor
+    await turn(chatbus, "d", "d again")  # d moves to the front: a cursor does not list it twice
+    status, body = await get(chatbus, f"/conversations?limit=2&cursor={cursor}")
+    assert (status, listed(body), body["limit"], body["offset"]) == (200, ["c", "b"], 2, 0)
+    assert body["next_offset"] is None  # nothing to page on from by offset after a cursor
+    _, body = await get(chatbus, f"/conversations?limit=2&cursor={body['next_cursor']}")
+    assert (listed(body), body["next_cursor"]) == (["a"], None)
+    _, body = await get(chatbus, "/conversations?limit=100")
+    assert (listed(body), body["next_cursor"]) == (["d", "e", "c", "b", "a"], None)
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "",
+        "not-a-cursor",
+        "%00%01",
+        "W10",  # [] in base64url
+        "WyJ4IiwiYyJd",  # ["x","c"]: the order's key is not a number
+        "WzEsImMiLDNd",  # [1,"c",3]
+        "eyJhIjoxfQ",  # {"a":1}
+        "WzEuNSwiYyJd",  # [1.5,"c"]
+        "W3RydWUsImMiXQ",  # [true,"c"]
+        "x" * 3000,
+        "w6k",  # not even JSON once decoded
+    ],
+)
+async def test_a_bad_cursor_is_a_400_naming_it(chatbus: Chatbus, cursor: str) -> None:
+    await turn(chatbus, "c", "exists")
+    status, body = await get(chatbus, f"/conversations?cursor={cursor}")
+    assert status == 400
+    assert (body["error"]["type"], body["error"]["field"]) == ("invalid_cursor", "cursor")
+    assert body["error"]["message"].startswith("cursor: ")
+
+
+async def test_a_cursor_with_an_offset_is_a_400(chatbus: Chatbus) -> None:
+    await turn(chatbus, "a", "one")
+    await turn(chatbus, "b", "two")
+    _, body = await get(chatbus, "/conversations?limit=1")
+    status, body = await get(chatbus, f"/conversations?cursor={body['next_cursor']}&offset=0")
+    assert (status, body["error"]["field"]) == (400, "cursor")
+    assert "not both" in body["error"]["message"]
+
+
 async def test_no_conversations_is_an_empty_list(chatbus: Chatbus) -> None:
     assert await get(chatbus, "/conversations") == (
         200,
-        {"conversations": [], "limit": 20, "offset": 0, "next_offset": None},
+        {"conversations": [], "limit": 20, "offset": 0, "next_offset": None, "next_cursor": None},
     )
 
 

@@ -3,7 +3,9 @@ fulfils is in chatbus/testing/store_contract.py."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,9 +13,10 @@ import pydantic
 import pytest
 
 from chatbus.testing.store_contract import add_turn, record
-from core.history import Status, Turn
+from core.history import Conversation, Status, StoreUnavailable, Turn
 from plugins.history_sqlite import make_store
 from plugins.history_sqlite.store import SqliteStore
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -49,7 +52,7 @@ async def test_the_file_is_in_wal_mode(store: SqliteStore, db_path: Path) -> Non
     # Another connection sees the committed row at once.
     mode, version, count = read_file_state(db_path)
     assert mode == "wal"
-    assert version == 2
+    assert version == 3
     assert count == 1
 
 
@@ -80,7 +83,7 @@ async def test_a_file_from_before_leases_is_migrated(db_path: Path) -> None:
         await store.add_message(record("new", instance_id="me"))
     finally:
         await store.close()
-    assert read_file_state(db_path)[1:] == (2, 2)
+    assert read_file_state(db_path)[1:] == (3, 2)
 
 
 async def test_data_survives_close_and_reopen(db_path: Path) -> None:
@@ -163,3 +166,89 @@ def test_make_store_unknown_option(tmp_path: Path) -> None:
     error = info.value.errors()[0]
     assert error["loc"] == ("pth",)
     assert error["type"] == "extra_forbidden"
+
+
+# A file as version 2 wrote it (before the conversations table), with turns in it.
+V2_FILE = """
+CREATE TABLE messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL UNIQUE,
+    conversation_id TEXT NOT NULL, tenant TEXT NOT NULL, chat_type TEXT NOT NULL,
+    query TEXT NOT NULL, response TEXT NOT NULL DEFAULT '', status TEXT NOT NULL,
+    model TEXT NOT NULL, usage TEXT, latency REAL, error TEXT,
+    feedback_score INTEGER NOT NULL DEFAULT -1, feedback_reason TEXT NOT NULL DEFAULT '',
+    meta TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL,
+    instance_id TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX messages_by_conversation ON messages (tenant, conversation_id, seq);
+CREATE TABLE instances (instance_id TEXT PRIMARY KEY, lease_until REAL NOT NULL);
+CREATE INDEX messages_streaming ON messages (instance_id) WHERE status = 'streaming';
+INSERT INTO messages (message_id, conversation_id, tenant, chat_type, query, status, model,
+    created_at) VALUES
+    ('a1', 'a', 'default', 'llm_chat', 'first of a', 'completed', 'echo', 10.0),
+    ('b1', 'b', 'default', 'llm_chat', 'first of b', 'failed', 'echo', 20.0),
+    ('a2', 'a', 'default', 'llm_chat', 'second of a', 'completed', 'echo', 30.0),
+    ('x1', 'x', 'other', 'llm_chat', 'theirs', 'completed', 'echo', 5.0),
+    ('n1', '', 'default', 'llm_chat', 'no conversation', 'completed', 'echo', 40.0),
+    ('b2', 'b', 'default', 'llm_chat', 'second of b', 'streaming', 'echo', 25.0);
+PRAGMA user_version = 2;
+"""
+
+
+def summaries(listed: list[Conversation]) -> list[tuple[str, int, str, float, float]]:
+    return [(c.conversation_id, c.turns, c.first_query, c.created_at, c.updated_at) for c in listed]
+
+
+async def test_a_file_from_before_the_conversations_table_is_migrated(db_path: Path) -> None:
+    with sqlite3.connect(db_path) as db:
+        db.executescript(V2_FILE)
+    for reopened in range(2):  # built once: opening again neither rebuilds nor doubles it
+        store = SqliteStore(str(db_path))
+        await store.open()
+        try:
+            assert summaries(await store.conversations("default", 10, 0)) == [
+                ("b", 2 + reopened, "first of b", 20.0, 25.0 if reopened == 0 else 50.0),
+                ("a", 2, "first of a", 10.0, 30.0),
+            ]
+            assert summaries(await store.conversations("other", 10, 0)) == [
+                ("x", 1, "theirs", 5.0, 5.0)
+            ]
+            if reopened == 0:  # a turn after the migration is counted by the triggers
+                await add_turn(store, "b3", "third of b", "r", conversation_id="b",
+                               created_at=50.0)  # fmt: skip
+        finally:
+            await store.close()
+    assert read_file_state(db_path)[1:] == (3, 7)
+
+
+async def test_a_read_does_not_wait_behind_the_writer(store: SqliteStore) -> None:
+    """The writer's thread held (a job in a write transaction that waits for the test): a
+    listing and a read of a turn still answer, and the writes queued meanwhile commit
+    once it is let go."""
+    await add_turn(store, "m1", "q", "a", conversation_id="c")
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(db: sqlite3.Connection) -> None:
+        inside.set()
+        release.wait(30)
+
+    held = asyncio.ensure_future(store._worker.run(hold))
+    try:
+        await wait_until(inside.is_set, "the writer holding its transaction")
+        queued = asyncio.ensure_future(add_turn(store, "m2", "q2", "a2", conversation_id="d"))
+        listed = await asyncio.wait_for(store.conversations("default", 10, 0), 20)
+        assert [c.conversation_id for c in listed] == ["c"]
+        got = await asyncio.wait_for(store.get_message("default", "m1"), 20)
+        assert got is not None and got.response == "a"
+        assert not held.done() and not queued.done()  # the writer was busy all along
+    finally:
+        release.set()
+        await held
+    await asyncio.wait_for(queued, 20)
+    assert [c.conversation_id for c in await store.conversations("default", 10, 0)] == ["d", "c"]
+
+
+async def test_reads_are_on_read_only_connections(store: SqliteStore) -> None:
+    await add_turn(store, "m1", "q", "a")
+    with pytest.raises(StoreUnavailable):  # query_only: "attempt to write a readonly database"
+        await store._worker.read("DELETE FROM messages", ())
+    assert await store.get_message("default", "m1") is not None

@@ -110,6 +110,13 @@ async def test_request_bodies_successes_and_errors_are_described(chatbus: Chatbu
     messages = paths["/conversations/{conversation_id}/messages"]["get"]
     names = {(p["name"], p["in"]) for p in messages["parameters"]}
     assert names == {("conversation_id", "path"), ("limit", "query"), ("offset", "query")}
+    listing = paths["/conversations"]["get"]
+    assert {p["name"] for p in listing["parameters"]} == {"limit", "offset", "cursor"}
+    assert "400" in listing["responses"]
+    page = resolve(
+        document, listing["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    )
+    assert "next_cursor" in page["properties"]
     # A body with every field defaulted may be left out (read_body: no body is {}).
     assert paths["/llm_model/list_config_models"]["post"]["requestBody"]["required"] is False
 

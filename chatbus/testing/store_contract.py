@@ -25,7 +25,7 @@ import orjson
 import pytest
 
 from core.config import MAX_ANSWER_CHARS
-from core.history import HistoryStore, MessageRecord, Outcome, Status, Turn
+from core.history import Conversation, HistoryStore, MessageRecord, Outcome, Status, Turn
 from core.outbox import Delivery, DeliveryStatus
 from core.providers import Usage
 
@@ -64,6 +64,24 @@ def delivery(delivery_id: str, **fields: Any) -> Delivery:
         created_at=100.0,
     )
     return replace(base, **fields)
+
+
+def _summary(conversation: Conversation) -> tuple[str, int, str, float, float]:
+    c = conversation
+    return (c.conversation_id, c.turns, c.first_query, c.created_at, c.updated_at)
+
+
+async def _recount(
+    store: HistoryStore, tenant: str, listed: list[Conversation]
+) -> list[tuple[str, int, str, float, float]]:
+    """The summaries of the listed conversations, counted from their turns."""
+    counted = []
+    for conversation in listed:
+        turns = await store.messages(tenant, conversation.conversation_id, 1000, 0)
+        times = [turn.created_at for turn in turns]
+        counted.append((conversation.conversation_id, len(turns), turns[0].query, min(times),
+                        max(times)))  # fmt: skip
+    return counted
 
 
 class StoreContract:
@@ -328,6 +346,50 @@ class StoreContract:
         assert [c.conversation_id for c in await store.conversations("default", 2, 1)] == ["c", "b"]
         assert await store.conversations("default", 10, 3) == []
         assert [c.conversation_id for c in await store.conversations("other", 10, 0)] == ["x"]
+
+    async def test_conversations_paged_by_key(self, store: HistoryStore) -> None:
+        for conversation in "abcde":
+            await add_turn(store, conversation, "q", "r", conversation_id=conversation)
+        first = await store.conversations("default", 2, 0)
+        assert [c.conversation_id for c in first] == ["e", "d"]
+        await add_turn(store, "b2", "q", "r", conversation_id="b")  # b moves to the front
+        second = await store.conversations("default", 2, 0, after=first[-1].key)
+        assert [c.conversation_id for c in second] == ["c", "a"]  # none twice, b not again
+        assert await store.conversations("default", 2, 0, after=second[-1].key) == []
+        assert [c.conversation_id for c in await store.conversations("default", 1, 1,
+                after=first[0].key)] == ["c"]  # fmt: skip
+        assert await store.conversations("other", 10, 0, after=first[0].key) == []
+
+    async def test_conversation_summaries_match_a_recount(self, store: HistoryStore) -> None:
+        """Whatever happens to their turns (ended any way, feedback, checkpoints, deleted
+        conversations, a duplicate refused), the listing says what counting them says."""
+        ends = [Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.INTERRUPTED, None]
+        latest: dict[tuple[str, str], int] = {}  # (tenant, conversation) -> its last turn's i
+        for i in range(60):
+            conversation, tenant = f"c{i % 7}", ("default", "other")[i % 11 == 0]
+            latest[tenant, conversation] = i
+            added = record(f"m{i}", f"q{i}", conversation_id=conversation, tenant=tenant,
+                           created_at=1_700_000_000.0 + (i * 37) % 50)  # fmt: skip
+            await store.add_message(added)
+            end = ends[i % len(ends)]
+            if end is None:
+                await store.save_partial(f"m{i}", "so far")  # still streaming
+            else:
+                await store.finish_message(f"m{i}", done("r", end))
+            if i % 4 == 0:
+                await store.set_feedback(tenant, f"m{i}", 50, "ok")
+        with pytest.raises(Exception):  # noqa: B017 (each store raises its own duplicate-key error)
+            await store.add_message(record("m3", "again", conversation_id="c3"))
+        assert await store.delete_conversation("default", "c2") > 0
+        assert await store.delete_conversation("default", "c5") > 0
+        del latest["default", "c5"]
+        await add_turn(store, "late", "q late", "r", conversation_id="c2")  # c2 starts anew
+        latest["default", "c2"] = 60
+        for tenant in ("default", "other"):
+            listed = await store.conversations(tenant, 100, 0)
+            assert listed and [_summary(c) for c in listed] == await _recount(store, tenant, listed)
+            newest_first = sorted((i, c) for (t, c), i in latest.items() if t == tenant)[::-1]
+            assert [c.conversation_id for c in listed] == [c for _, c in newest_first]
 
     async def test_messages_oldest_first_and_paged(self, store: HistoryStore) -> None:
         for i in range(5):

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from core.history import (
     READABLE,
     Conversation,
+    ListingKey,
     MessageRecord,
     Outcome,
     Status,
@@ -25,7 +26,7 @@ from plugins.history_sqlite import outbox
 from plugins.history_sqlite.outbox import SqliteOutbox
 from plugins.history_sqlite.worker import SqliteWorker
 
-SCHEMA_VERSION = 2  # 2: messages.instance_id, and the instances' leases
+SCHEMA_VERSION = 3  # 2: messages.instance_id, and the instances' leases; 3: conversations
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -59,6 +60,49 @@ CREATE INDEX IF NOT EXISTS messages_streaming ON messages (instance_id)
     WHERE status = 'streaming';
 """
 ADD_INSTANCE_ID = "ALTER TABLE messages ADD COLUMN instance_id TEXT NOT NULL DEFAULT ''"
+# A summary row a conversation, kept by triggers in the very statement that adds or deletes
+# a turn: listing reads a page of it, not every turn. (Ending a turn changes none of it.)
+# Turns are deleted a conversation at a time (`delete_conversation`), so a delete only
+# counts down; the row goes with the conversation's last turn.
+CONVERSATIONS = (
+    """CREATE TABLE IF NOT EXISTS conversations (
+        tenant          TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        turns           INTEGER NOT NULL,
+        first_query     TEXT NOT NULL,
+        created_at      REAL NOT NULL,
+        updated_at      REAL NOT NULL,
+        last_seq        INTEGER NOT NULL,
+        PRIMARY KEY (tenant, conversation_id)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS conversations_by_activity"
+    " ON conversations (tenant, last_seq, conversation_id)",
+    """CREATE TRIGGER IF NOT EXISTS conversations_on_insert AFTER INSERT ON messages
+    WHEN new.conversation_id != '' BEGIN
+        INSERT INTO conversations VALUES (new.tenant, new.conversation_id, 1, new.query,
+            new.created_at, new.created_at, new.seq)
+        ON CONFLICT (tenant, conversation_id) DO UPDATE SET turns = turns + 1,
+            created_at = min(created_at, excluded.created_at),
+            updated_at = max(updated_at, excluded.updated_at),
+            last_seq = max(last_seq, excluded.last_seq);
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS conversations_on_delete AFTER DELETE ON messages
+    WHEN old.conversation_id != '' BEGIN
+        UPDATE conversations SET turns = turns - 1
+            WHERE tenant = old.tenant AND conversation_id = old.conversation_id;
+        DELETE FROM conversations
+            WHERE tenant = old.tenant AND conversation_id = old.conversation_id AND turns <= 0;
+    END""",
+)
+# A file from before the table: its rows built from the turns, once, as the triggers would.
+BUILD_CONVERSATIONS = """
+INSERT INTO conversations
+SELECT tenant, conversation_id, count(*),
+    (SELECT query FROM messages AS first WHERE first.tenant = m.tenant
+        AND first.conversation_id = m.conversation_id ORDER BY seq LIMIT 1),
+    min(created_at), max(created_at), max(seq)
+FROM messages AS m WHERE conversation_id != '' GROUP BY tenant, conversation_id
+"""
 COLUMNS = (
     "message_id",
     "conversation_id",
@@ -97,7 +141,14 @@ class SqliteStore:
     async def open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        await self._worker.open(self._connect)
+        in_memory = self.path == ":memory:"  # one connection's alone: no readers of its own
+        await self._worker.open(self._connect, None if in_memory else self._connect_reader)
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA query_only=ON")
+        db.execute("PRAGMA busy_timeout=5000")  # rarely busy in WAL; then wait as the writer
+        return db
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -110,6 +161,7 @@ class SqliteStore:
             db.execute(ADD_INSTANCE_ID)
         db.executescript(STREAMING_INDEX)
         db.executescript(outbox.SCHEMA)
+        _add_conversations(db)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         return db
 
@@ -172,19 +224,20 @@ class SqliteStore:
     async def ping(self) -> None:
         await self._read("SELECT 1", ())
 
-    async def conversations(self, tenant: str, limit: int, offset: int) -> list[Conversation]:
+    async def conversations(
+        self, tenant: str, limit: int, offset: int, after: ListingKey | None = None
+    ) -> list[Conversation]:
+        # Past the key: a row value, so that the index's range starts just after it.
+        past, key = ("", ()) if after is None else (
+            " AND (last_seq, conversation_id) < (?, ?)", (after.last_seq, after.conversation_id)
+        )  # fmt: skip
         rows = await self._read(
-            "SELECT conversation_id, count(*), min(created_at), max(created_at),"
-            " (SELECT query FROM messages AS first WHERE first.tenant = m.tenant"
-            "  AND first.conversation_id = m.conversation_id ORDER BY seq LIMIT 1)"
-            " FROM messages AS m WHERE tenant = ? AND conversation_id != ''"
-            " GROUP BY conversation_id ORDER BY max(seq) DESC LIMIT ? OFFSET ?",
-            (tenant, max(limit, 0), max(offset, 0)),
+            "SELECT conversation_id, turns, first_query, created_at, updated_at, last_seq"
+            f" FROM conversations WHERE tenant = ?{past}"
+            " ORDER BY last_seq DESC, conversation_id DESC LIMIT ? OFFSET ?",
+            (tenant, *key, max(limit, 0), max(offset, 0)),
         )
-        return [
-            Conversation(conversation_id, turns, first_query, created, updated)
-            for conversation_id, turns, created, updated, first_query in rows
-        ]
+        return [Conversation(*row) for row in rows]
 
     async def messages(
         self, tenant: str, conversation_id: str, limit: int, offset: int
@@ -235,6 +288,23 @@ class SqliteStore:
 
         rows = await self._worker.run(claim)
         return sorted((_from_row(row) for row in rows), key=lambda record: record.created_at)
+
+
+def _add_conversations(db: sqlite3.Connection) -> None:
+    """The conversations table and its triggers, built from the turns of a file from before
+    them: in one transaction, so that processes opening the file together build it once."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        if version < SCHEMA_VERSION:
+            for statement in CONVERSATIONS:
+                db.execute(statement)
+            db.execute(BUILD_CONVERSATIONS)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _usage_json(usage: Usage | None) -> str | None:
