@@ -36,6 +36,7 @@ from bench.procs import (
     Deadline,
     Procs,
     Sampler,
+    cpu_seconds,
     free_port,
     rss_kb,
     wait_for_file,
@@ -173,12 +174,15 @@ class Bench:
         `workers`: chatbus's worker pids, each sampled (`chatbus` is then their sum)."""
         pids = {"chatbus": chatbus_pid, "upstream": upstream_pid}
         pids |= {f"worker{i}": pid for i, pid in enumerate(workers or [])}
+        before = (time.time(), {name: cpu_seconds(pid) or 0.0 for name, pid in pids.items()})
         with Sampler(chatbus_pid, pids) as sampler:
             rate = self.load(
                 "rate", kind, url, self.counts.tokens, count, concurrency=self.counts.concurrency
             )
+        after = (time.time(), {name: cpu_seconds(pid) or 0.0 for name, pid in pids.items()})
         window = rate["window_wall"]
-        cores = sampler.cores(*window)
+        # A window too short for two samples (a quick run on two workers): the whole call's.
+        cores = sampler.cores(*window) or _cores_between(before, after)
         if workers and cores:  # the supervisor only waits: chatbus's work is the workers'
             cores["chatbus"] = sum(cores.pop(f"worker{i}") for i in range(len(workers)))
         per_chat = {
@@ -318,6 +322,14 @@ def workers_rate(bench: Bench, models: str, fast_pid: int) -> dict[str, Any]:
     if proc.poll() is not None:
         raise BenchError(f"chatbus-workers exited {proc.returncode} during the run")
     return {"count": WORKERS, "startup_seconds": startup, **result}
+
+
+def _cores_between(
+    before: tuple[float, dict[str, float]], after: tuple[float, dict[str, float]]
+) -> dict[str, float]:
+    """CPUs each process kept busy between two readings of their CPU times."""
+    seconds = max(after[0] - before[0], 1e-9)
+    return {name: (after[1][name] - before[1][name]) / seconds for name in before[1]}
 
 
 def children(pid: int) -> list[int]:
