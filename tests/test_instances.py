@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from pymongo import AsyncMongoClient
 
 from chatbus.testing.fake_upstream import FakeUpstream
@@ -40,6 +41,7 @@ heartbeat_seconds = {heartbeat}
 [history.mongo]
 uri = "{mongo_uri}"
 database = "{mongo_database}"
+transactions = {transactions}
 [plugins.webhooks]
 callback_hosts = ["127.0.0.1:{receiver_port}"]
 [[plugins.webhooks.endpoints]]
@@ -89,8 +91,9 @@ def pid_of(instance_id: str) -> int:
     return int(instance_id.split(":")[1])
 
 
+@pytest.mark.parametrize("transactions", ['"auto"', "false"], ids=["transactions", "held"])
 async def test_three_instances_one_killed_mid_stream(
-    tmp_path: Path, mongodb: MongoDatabase, upstream: FakeUpstream
+    transactions: str, tmp_path: Path, mongodb: MongoDatabase, upstream: FakeUpstream
 ) -> None:
     upstream.behaviour.tokens = TOKENS
     upstream.behaviour.delay = TOKEN_DELAY
@@ -99,8 +102,9 @@ async def test_three_instances_one_killed_mid_stream(
     config.write_text(
         CONFIG.format(
             lease=LEASE, heartbeat=HEARTBEAT, mongo_uri=mongodb.uri,
-            mongo_database=mongodb.name, receiver_port=receiver.port, receiver=receiver.url,
-            secret_env=SECRET_ENV, upstream=upstream.base_url,
+            mongo_database=mongodb.name, transactions=transactions,
+            receiver_port=receiver.port, receiver=receiver.url, secret_env=SECRET_ENV,
+            upstream=upstream.base_url,
         )
     )  # fmt: skip
     instances = [ChatbusProcess(config) for _ in range(INSTANCES)]
@@ -156,8 +160,8 @@ async def test_three_instances_one_killed_mid_stream(
         await receiver.stop()
 
     print(
-        f"\n3 instances, kill -9 of one: its {len(victims)} turns interrupted"
-        f" {time_to_interrupt:.1f} s after the kill (lease {LEASE:g} s, heartbeat"
+        f"\n3 instances (transactions = {transactions}), kill -9 of one: its {len(victims)}"
+        f" turns interrupted {time_to_interrupt:.1f} s after the kill (lease {LEASE:g} s, heartbeat"
         f" {HEARTBEAT:g} s); {len(receiver.bodies)} deliveries, {receiver.duplicates()}"
         " delivered twice"
     )
