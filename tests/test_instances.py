@@ -1,5 +1,6 @@
-"""Three chatbus instances on one MongoDB database (the suite's SecantusDB), each a real
-process on its own port, as behind a load balancer. Streams and async chats run on all
+"""Three chatbus instances on one MongoDB database (the suite's SecantusDB), in each
+delivery mode, and two on one SQLite file; each a real process on its own port, as behind a
+load balancer. Streams and async chats run on all
 three; one is killed (kill -9) mid-stream. Within its lease and a poll, the other two end
 every turn it was running `interrupted` and deliver their `chat_failed` webhooks and the
 async chats' callbacks; their own streams end normally. Deliveries are at least once: a
@@ -8,6 +9,7 @@ delivery received twice (same webhook-id) is counted and reported, not failed.""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -35,9 +37,11 @@ access_log = false
 [chat]
 checkpoint_seconds = 0.2
 [history]
-backend = "mongo"
+backend = "{backend}"
 lease_seconds = {lease}
 heartbeat_seconds = {heartbeat}
+[history.sqlite]
+path = "instances.db"
 [history.mongo]
 uri = "{mongo_uri}"
 database = "{mongo_database}"
@@ -77,11 +81,16 @@ async def stream_one(http: aiohttp.ClientSession, url: str, started: asyncio.Eve
     return text
 
 
-async def stored_turns(mongodb: MongoDatabase) -> list[dict[str, Any]]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongodb.uri)
+async def stored_turns(store: Path | MongoDatabase) -> list[dict[str, Any]]:
+    """Every turn's id, status and instance, as stored."""
+    if isinstance(store, Path):
+        with sqlite3.connect(store) as db:
+            rows = db.execute("SELECT message_id, status, instance_id FROM messages")
+            return [{"_id": i, "status": s, "instance_id": at} for i, s, at in rows]
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(store.uri)
     try:
-        fields = {"status": 1, "instance_id": 1, "error": 1, "response": 1}
-        return await client[mongodb.name]["messages"].find({}, fields).to_list(None)
+        fields = {"status": 1, "instance_id": 1}
+        return await client[store.name]["messages"].find({}, fields).to_list(None)
     finally:
         await client.close()
 
@@ -91,23 +100,30 @@ def pid_of(instance_id: str) -> int:
     return int(instance_id.split(":")[1])
 
 
-@pytest.mark.parametrize("transactions", ['"auto"', "false"], ids=["transactions", "held"])
-async def test_three_instances_one_killed_mid_stream(
-    transactions: str, tmp_path: Path, mongodb: MongoDatabase, upstream: FakeUpstream
+@pytest.mark.parametrize("store", ["mongo-transactions", "mongo-held", "sqlite"])
+async def test_instances_one_killed_mid_stream(
+    store: str, tmp_path: Path, upstream: FakeUpstream, request: pytest.FixtureRequest
 ) -> None:
+    """Three on MongoDB, two on SQLite (each process its own writer on one file)."""
+    on: Path | MongoDatabase = tmp_path / "instances.db"  # [history.sqlite] path
+    if store.startswith("mongo"):
+        on = request.getfixturevalue("mongodb")
+    mongodb = on if isinstance(on, MongoDatabase) else MongoDatabase(uri="", name="")
+    count = INSTANCES if store.startswith("mongo") else 2
     upstream.behaviour.tokens = TOKENS
     upstream.behaviour.delay = TOKEN_DELAY
     receiver = await Receiver().start()
     config = tmp_path / "instances.toml"
     config.write_text(
         CONFIG.format(
-            lease=LEASE, heartbeat=HEARTBEAT, mongo_uri=mongodb.uri,
-            mongo_database=mongodb.name, transactions=transactions,
+            backend="sqlite" if store == "sqlite" else "mongo", lease=LEASE, heartbeat=HEARTBEAT,
+            mongo_uri=mongodb.uri, mongo_database=mongodb.name,
+            transactions='"auto"' if store == "mongo-transactions" else "false",
             receiver_port=receiver.port, receiver=receiver.url, secret_env=SECRET_ENV,
             upstream=upstream.base_url,
         )
     )  # fmt: skip
-    instances = [ChatbusProcess(config) for _ in range(INSTANCES)]
+    instances = [ChatbusProcess(config) for _ in range(count)]
     try:
         await asyncio.gather(*(asyncio.to_thread(instance.start) for instance in instances))
         async with aiohttp.ClientSession() as http:
@@ -122,7 +138,7 @@ async def test_three_instances_one_killed_mid_stream(
                     asyncio.create_task(stream_one(http, instance.url, event)) for event in began
                 ]
                 await asyncio.wait_for(asyncio.gather(*(e.wait() for e in began)), timeout=15)
-            turns = await stored_turns(mongodb)
+            turns = await stored_turns(on)
             pids = [instance.process.pid for instance in instances if instance.process]
             running = {pid: [t for t in turns if pid_of(t["instance_id"]) == pid] for pid in pids}
             assert all(len(r) == STREAMS + ASYNC_CHATS for r in running.values()), running
@@ -135,14 +151,14 @@ async def test_three_instances_one_killed_mid_stream(
             killed_at = time.monotonic()
 
             async def victims_interrupted() -> bool:
-                ended = {t["_id"]: t for t in await stored_turns(mongodb) if t["_id"] in victims}
+                ended = {t["_id"]: t for t in await stored_turns(on) if t["_id"] in victims}
                 statuses = {t["status"] for t in ended.values()}
                 return len(ended) == len(victims) and statuses == {"interrupted"}
 
             await wait_until(victims_interrupted, "the killed instance's turns interrupted",
                              timeout=LEASE + HEARTBEAT + SLACK, interval=0.05)  # fmt: skip
             time_to_interrupt = time.monotonic() - killed_at
-            survivors_streams = [task for i in (1, 2) for task in streams[i]]
+            survivors_streams = [task for i in range(1, count) for task in streams[i]]
             ended_streams = await asyncio.wait_for(asyncio.gather(*survivors_streams), 30)
             for task in streams[0]:
                 task.cancel()
@@ -160,7 +176,7 @@ async def test_three_instances_one_killed_mid_stream(
         await receiver.stop()
 
     print(
-        f"\n3 instances (transactions = {transactions}), kill -9 of one: its {len(victims)}"
+        f"\n{count} instances on {store}, kill -9 of one: its {len(victims)}"
         f" turns interrupted {time_to_interrupt:.1f} s after the kill (lease {LEASE:g} s, heartbeat"
         f" {HEARTBEAT:g} s); {len(receiver.bodies)} deliveries, {receiver.duplicates()}"
         " delivered twice"
