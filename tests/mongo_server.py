@@ -1,6 +1,8 @@
 """A real MongoDB-compatible server for the tests: SecantusDB (PyPI `secantusdb`, GPL-2.0,
 a test dependency only, never imported by chatbus), started as its own process on a free
-loopback port and spoken to over TCP by PyMongo, exactly as a deployment's mongod is.
+loopback port and spoken to over TCP by PyMongo, exactly as a deployment's mongod is. It
+runs through tests/secantus_server.py, which aborts the transactions of a killed client
+after a few seconds, as mongod does after `transactionLifetimeLimitSeconds`.
 
 `CHATBUS_TEST_MONGODB_URI` points the same tests at a real mongod or Atlas instead.
 """
@@ -21,6 +23,10 @@ from tests.waiting import wait_until_blocking
 
 URI_ENV = "CHATBUS_TEST_MONGODB_URI"
 START_TIMEOUT = 30.0
+LAUNCHER = Path(__file__).with_name("secantus_server.py")
+# Seconds after which the server aborts a transaction left open (a killed client's): short
+# here, so a crash test is not held up by it; mongod's default is 60.
+TRANSACTION_LIFETIME = 5.0
 
 
 def free_port() -> int:
@@ -43,8 +49,9 @@ class MongoServer:
         return f"mongodb://{at}127.0.0.1:{self.port}/?directConnection=true"
 
     def start(self) -> MongoServer:
-        argv = [sys.executable, "-m", "secantus", "--host", "127.0.0.1"]
-        argv += ["--port", str(self.port), "--storage-path", self.storage, "--log-level", "ERROR"]
+        argv = [sys.executable, str(LAUNCHER), "--host", "127.0.0.1"]
+        argv += ["--port", str(self.port), "--storage-path", self.storage]
+        argv += ["--transaction-lifetime", str(TRANSACTION_LIFETIME)]
         if self.auth:
             argv.append("--auth")
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
