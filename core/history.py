@@ -152,7 +152,9 @@ class HistoryStore(Protocol):
         self, message_id: str, outcome: Outcome, deliveries: Sequence[Delivery] = ()
     ) -> None:
         """Write how a turn ended, and the deliveries its end event owes, in one step: a
-        crash leaves both written or neither."""
+        crash leaves both written or neither. Only over a turn still `streaming`: a turn
+        ends once, and a later end (its instance was slow, not dead, when another found its
+        lease expired and ended it `interrupted`) is dropped with its deliveries."""
 
     async def recent_turns(self, tenant: str, conversation_id: str, limit: int) -> list[Turn]:
         """The last `limit` turns with a non-empty, READABLE response, oldest first."""

@@ -505,6 +505,25 @@ class StoreContract:
         got = await store.get_message("default", "m1")
         assert got is not None and got.response == "answer"
 
+    async def test_the_first_end_of_a_turn_stands(self, store: HistoryStore) -> None:
+        """A turn ends once. An instance that found another's lease expired ends its turns
+        `interrupted`; if that other was only slow, its own end comes later and is dropped,
+        deliveries and all (with or without deliveries, the first end's)."""
+        await store.add_message(record("m1"))
+        interrupted = done("so far", Status.INTERRUPTED, error="interrupted")
+        await store.finish_message("m1", interrupted, [delivery("failed")])
+        await store.finish_message("m1", done("the whole answer"), [delivery("completed")])
+        await store.finish_message("m1", done("again, without deliveries"))
+        got = await store.get_message("default", "m1")
+        assert got is not None
+        assert (got.status, got.response, got.error) == (
+            Status.INTERRUPTED,
+            "so far",
+            "interrupted",
+        )
+        listed = await store.outbox.deliveries(None, 10)
+        assert [d.delivery_id for d in listed] == ["failed"]
+
     async def test_claims_take_due_deliveries_once_while_the_lease_runs(
         self, store: HistoryStore
     ) -> None:

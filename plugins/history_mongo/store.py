@@ -138,9 +138,13 @@ class MongoStore:
             changes["model"] = outcome.model
         changes.update({f"meta.{key}": value for key, value in outcome.answer_meta().items()})
         await self._prepare()
+        # A turn ends once: over one another instance ended first (it found this one's
+        # lease expired), this end is dropped, and its deliveries with it.
         if not deliveries:
             with reachable():
-                await self._messages.update_one({"_id": message_id}, {"$set": changes})
+                await self._messages.update_one(
+                    {"_id": message_id, "status": str(Status.STREAMING)}, {"$set": changes}
+                )
         elif self._transactions:
             await self._finish_in_a_transaction(message_id, changes, deliveries)
         else:
@@ -150,17 +154,20 @@ class MongoStore:
         self, message_id: str, changes: dict[str, Any], deliveries: Sequence[Delivery]
     ) -> None:
         # Not `with_transaction`: it retries for up to two minutes, while the turn's end
-        # waits; a failed end is retried by the chat service, and writing it twice is
-        # harmless (the same values; deliveries are written once each).
+        # waits; a failed end is retried by the chat service, and a retry of one that did
+        # commit finds the turn ended and writes nothing.
         with reachable():
             async with (
                 self._client.start_session() as session,
                 await session.start_transaction(),
             ):
-                await self._messages.update_one(
-                    {"_id": message_id}, {"$set": changes}, session=session
+                ended = await self._messages.update_one(
+                    {"_id": message_id, "status": str(Status.STREAMING)},
+                    {"$set": changes},
+                    session=session,
                 )
-                await self.outbox.add_deliveries(deliveries, session=session)
+                if ended.matched_count:
+                    await self.outbox.add_deliveries(deliveries, session=session)
 
     async def _finish_held(
         self, message_id: str, changes: dict[str, Any], deliveries: Sequence[Delivery]

@@ -32,8 +32,20 @@ COLUMNS = tuple(field.name for field in fields(Delivery))
 INSERT = f"INSERT INTO outbox ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
-def inserts(deliveries: Sequence[Delivery]) -> list[tuple[str, Sequence[Any]]]:
-    return [(INSERT, _row(delivery)) for delivery in deliveries]
+# The same, only if the statement just before it changed a row (`changes()` counts the
+# last statement's own rows, not a trigger's): the deliveries of a turn's end go in only
+# with that end, and each insert that does so changes one row for the next.
+INSERT_AFTER_A_CHANGE = (
+    f"INSERT INTO outbox ({', '.join(COLUMNS)})"
+    f" SELECT {', '.join('?' * len(COLUMNS))} WHERE changes() > 0"
+)
+
+
+def inserts(
+    deliveries: Sequence[Delivery], after_a_change: bool = False
+) -> list[tuple[str, Sequence[Any]]]:
+    sql = INSERT_AFTER_A_CHANGE if after_a_change else INSERT
+    return [(sql, _row(delivery)) for delivery in deliveries]
 
 
 class SqliteOutbox:

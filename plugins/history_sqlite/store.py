@@ -177,7 +177,8 @@ class SqliteStore:
     ) -> None:
         update = (
             "UPDATE messages SET response = ?, status = ?, usage = ?, latency = ?, error = ?,"
-            " model = coalesce(?, model), meta = json_patch(meta, ?) WHERE message_id = ?",
+            " model = coalesce(?, model), meta = json_patch(meta, ?)"
+            f" WHERE message_id = ? AND status = '{Status.STREAMING}'",
             (
                 outcome.response,
                 outcome.status,
@@ -189,7 +190,9 @@ class SqliteStore:
                 message_id,
             ),
         )
-        await self._worker.write_many([update, *outbox.inserts(deliveries)])
+        # A turn ends once: over one another instance ended first (it found this one's
+        # lease expired), this end is dropped, and its deliveries with it.
+        await self._worker.write_many([update, *outbox.inserts(deliveries, after_a_change=True)])
 
     async def recent_turns(self, tenant: str, conversation_id: str, limit: int) -> list[Turn]:
         # A turn that answered with tool calls alone has no text, and is history too.
