@@ -252,3 +252,23 @@ async def test_reads_are_on_read_only_connections(store: SqliteStore) -> None:
     with pytest.raises(StoreUnavailable):  # query_only: "attempt to write a readonly database"
         await store._worker.read("DELETE FROM messages", ())
     assert await store.get_message("default", "m1") is not None
+
+
+async def test_a_file_locked_past_the_busy_wait_is_opened_once_free(db_path: Path) -> None:
+    """Another process holds the file longer than SQLite's busy wait (5 s: a second instance
+    migrating a large file, say): opening is refused "database is locked", and tried again
+    until the file is free, within OPEN_SECONDS."""
+    sqlite3.connect(db_path).close()
+    holder = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    released = threading.Timer(6.5, holder.execute, ("COMMIT",))
+    released.start()
+    store = SqliteStore(str(db_path))
+    try:
+        await store.open()
+        await add_turn(store, "m1", "q", "a")
+        assert await store.recent_turns("default", "c1", 1) == [Turn("q", "a")]
+    finally:
+        released.join()
+        holder.close()
+        await store.close()

@@ -3,7 +3,9 @@ same second (or microsecond) keep the order they were stored in."""
 
 from __future__ import annotations
 
+import random
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,9 @@ SELECT = f"SELECT {', '.join(COLUMNS)} FROM messages"
 INSERT = f"INSERT INTO messages ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
+OPEN_SECONDS = 10.0  # how long an opening refused a lock is tried again
+
+
 class SqliteOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = "chatbus.db"
@@ -151,19 +156,41 @@ class SqliteStore:
         return db
 
     def _connect(self) -> sqlite3.Connection:
+        """The writer's connection, the schema made or migrated. SQLite refuses at once,
+        without its busy wait, a lock it could only give by risking a deadlock; instances
+        opening one file together have met that ("database is locked", once in a full
+        suite, never reproduced by hand): the opening is tried again until OPEN_SECONDS."""
+        deadline = time.monotonic() + OPEN_SECONDS
+        while True:
+            try:
+                return self._connect_once()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05 + random.random() * 0.1)  # apart from the other opener
+
+    def _connect_once(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            self._make_schema(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _make_schema(self, db: sqlite3.Connection) -> None:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # durable across app crashes in WAL mode
         db.execute("PRAGMA busy_timeout=5000")  # several processes may share the file
         (version,) = db.execute("PRAGMA user_version").fetchone()
         db.executescript(SCHEMA)
-        if version == 1:  # a file from before leases
+        columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+        if version == 1 and "instance_id" not in columns:  # a file from before leases
             db.execute(ADD_INSTANCE_ID)
         db.executescript(STREAMING_INDEX)
         db.executescript(outbox.SCHEMA)
         _add_conversations(db)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        return db
 
     async def close(self) -> None:
         await self._worker.close()
