@@ -673,6 +673,17 @@ async def test_key_echoed_by_the_upstream_is_redacted(
     assert key not in "".join(traceback.format_exception(exc))
 
 
+async def test_a_password_in_the_base_url_is_never_in_an_error(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A proxy's basic auth may sit in `base_url`: errors name the upstream without it."""
+    base_url = f"http://chatbus:pw-DISTINCTIVE-4321@127.0.0.1:{closed_port()}/v1"
+    exc = await failure(make(http, base_url=base_url, model="m"))
+    assert type(exc) is UpstreamUnavailable
+    assert "pw-DISTINCTIVE-4321" not in "".join(traceback.format_exception(exc))
+    assert f"cannot connect to http://127.0.0.1:{base_url.rsplit(':', 1)[1]}" in str(exc)
+
+
 async def test_redaction_keeps_retry_after(
     upstream: FakeUpstream, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -71,6 +71,8 @@ class OpenAICompatProvider:
     def __init__(self, options: OpenAICompatOptions, http: aiohttp.ClientSession) -> None:
         self.options = options
         self.url = URL(f"{options.base_url.rstrip('/')}/chat/completions")  # parsed once
+        # The upstream as errors name it: without the user and password a URL may carry.
+        self.where = str(URL(options.base_url).with_user(None))
         self.http = http
         self.timeout = aiohttp.ClientTimeout(
             total=options.total_timeout,
@@ -162,10 +164,10 @@ class OpenAICompatProvider:
         except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
             raise MalformedResponse(f"the upstream sent an unexpected chunk ({exc!r})") from None
         except TimeoutError:
-            raise UpstreamTimeout(f"no answer from {self.options.base_url} in time") from None
+            raise UpstreamTimeout(f"no answer from {self.where} in time") from None
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamUnavailable(
-                f"cannot connect to {self.options.base_url}: {exc.os_error.strerror or exc}"
+                f"cannot connect to {self.where}: {exc.os_error.strerror or exc}"
             ) from None
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
             raise UpstreamUnavailable(
