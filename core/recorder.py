@@ -14,7 +14,7 @@ import structlog
 from core.bus import EventBus
 from core.config import Config
 from core.events import Event
-from core.history import HistoryStore, Outcome
+from core.history import HistoryStore, Outcome, StoreUnavailable
 from core.outbox import Delivery
 
 log = structlog.get_logger("chatbus.chat")
@@ -46,9 +46,9 @@ class Recorder:
         if deliveries:
             try:
                 await self.store.outbox.add_deliveries(deliveries)
-            except Exception:
-                log.exception("could not queue deliveries", hook=event.hook,
-                              message_id=event.message_id)  # fmt: skip
+            except Exception as exc:
+                log.error("could not queue deliveries", hook=event.hook,
+                          message_id=event.message_id, error=_described(exc))  # fmt: skip
         self.bus.publish(event)
 
     async def end(self, outcome: Outcome, event: Event, *, retry: bool = True) -> None:
@@ -62,7 +62,7 @@ class Recorder:
             if not retry:
                 raise
             log.warning("could not store the end of a turn; retrying",
-                        message_id=event.message_id, error=repr(exc))  # fmt: skip
+                        message_id=event.message_id, error=_described(exc))  # fmt: skip
             self.spawn(self._end_later(event.message_id, outcome, deliveries))
         self.bus.publish(event)
 
@@ -74,7 +74,7 @@ class Recorder:
         try:
             await self.store.save_partial(message_id, text)
         except Exception as exc:  # a checkpoint missed is not an answer lost: the end is stored
-            log.warning("could not checkpoint the answer", error=repr(exc))
+            log.warning("could not checkpoint the answer", error=_described(exc))
 
     async def _end_later(
         self, message_id: str, outcome: Outcome, deliveries: list[Delivery]
@@ -87,8 +87,10 @@ class Recorder:
                     await self.store.finish_message(message_id, outcome, deliveries)
                 except Exception as exc:
                     delay = min(delay * 2, SAVE_RETRY_MAX)
-                    log.warning("could not store the end of a turn; retrying",
-                                message_id=message_id, error=repr(exc), next_in=delay)  # fmt: skip
+                    log.warning(
+                        "could not store the end of a turn; retrying",
+                        message_id=message_id, error=_described(exc), next_in=delay,
+                    )  # fmt: skip
                 else:
                     log.info("stored the end of a turn after retrying", message_id=message_id)
                     return
@@ -128,3 +130,12 @@ class Recorder:
                 await self.bus.drain()
         except TimeoutError:
             log.warning("gave up on event subscribers still running at shutdown")
+
+
+def _described(exc: Exception) -> str:
+    """A store's failure for a log line: a StoreUnavailable's message (the stores word it to
+    be logged), else only its type: a driver's error may quote the document it could not
+    write, and that holds the answer."""
+    if isinstance(exc, StoreUnavailable):
+        return str(exc)
+    return type(exc).__name__

@@ -17,8 +17,9 @@ from pymongo import MongoClient
 from core.history import HistoryStore, MessageRecord, Outcome, Status, StoreUnavailable
 from core.hookspecs import hookimpl
 from core.outbox import Delivery
+from plugins.history_sqlite.outbox import SqliteOutbox
 from plugins.history_sqlite.store import SqliteStore
-from tests.conftest import Chatbus, StartChatbus
+from tests.conftest import Chatbus, StartChatbus, webhook_settings
 from tests.mongo_server import MongoServer
 from tests.sse import Stream
 from tests.waiting import wait_until
@@ -32,6 +33,8 @@ class FlakyStore(SqliteStore):
         super().__init__(path)
         self.down = False
         self.fail_finishes = 0
+        self.leaky_errors = False  # fail finishes as a driver may: the document in the text
+        self.outbox.add_deliveries = self.add_deliveries  # type: ignore[method-assign]
 
     def _check(self) -> None:
         if self.down:
@@ -54,8 +57,17 @@ class FlakyStore(SqliteStore):
     ) -> None:
         if self.fail_finishes:
             self.fail_finishes -= 1
+            if self.leaky_errors:  # as pymongo's BulkWriteError carries what it could not write
+                raise RuntimeError(f"write failed: {{'response': {outcome.response!r}}}")
             raise StoreUnavailable("switched off by the test")
         await super().finish_message(message_id, outcome, deliveries)
+
+    async def add_deliveries(self, deliveries: Sequence[Delivery]) -> None:
+        """The outbox's, in place of SqliteOutbox's (see __init__), failing as a driver may
+        when `leaky_errors`: what it could not write, in the error's text."""
+        if self.leaky_errors:
+            raise RuntimeError(f"write failed: {[d.payload for d in deliveries]!r}")
+        await SqliteOutbox.add_deliveries(self.outbox, deliveries)
 
     async def claim_orphaned_turns(
         self, instance_id: str, now: float, limit: int
@@ -172,6 +184,7 @@ async def test_an_answer_never_stored_is_not_logged_at_shutdown(
     )
     assert flaky.store is not None
     flaky.store.fail_finishes = 1_000_000
+    flaky.store.leaky_errors = True  # an error's text is no safer a place for it than the log
     answer = "the only copy of a private answer"
     with structlog.testing.capture_logs() as logs:
         stream = await chatbus.chat(query=answer)
@@ -316,3 +329,26 @@ async def test_mongodb_down_mid_run_then_back(start_chatbus: StartChatbus, tmp_p
         await chatbus.close()
     finally:
         server.stop()
+
+
+async def test_deliveries_that_cannot_be_queued_are_not_logged(
+    start_chatbus: StartChatbus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chat_received webhook carries the query: a store error quoting what it could not
+    write must not put it in the log (the error's type is logged, with the message id)."""
+    monkeypatch.setenv("HOOK_SECRET", "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0")
+    endpoints = [{"url": "http://127.0.0.1:1/hook", "secret_env": "HOOK_SECRET",
+                  "events": ["chat_received"]}]  # fmt: skip
+    flaky = Flaky()
+    chatbus = await start_chatbus(
+        flaky, history={"backend": "flaky"}, **webhook_settings(endpoints=endpoints)
+    )
+    assert flaky.store is not None
+    flaky.store.leaky_errors = True
+    with structlog.testing.capture_logs() as logs:
+        stream = await chatbus.chat(query="a private question")
+    assert stream.text == "a private question"
+    (message_id,) = stream.message_ids
+    (failed,) = [e for e in logs if e["event"] == "could not queue deliveries"]
+    assert (failed["message_id"], failed["error"]) == (message_id, "RuntimeError")
+    assert not [event for event in logs if "private question" in repr(event)]
