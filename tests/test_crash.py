@@ -5,26 +5,18 @@ upstream and the callback receiver are real servers in the test, all on loopback
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import os
-import signal
-import subprocess
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
 
 from chatbus.testing.fake_upstream import FakeUpstream
 from core.history import Status
 from plugins.history_sqlite.store import SqliteStore
-from tests.test_cli import CHATBUS, ROOT, free_port, wait_until_listening
+from tests.processes import ChatbusProcess, Receiver
 from tests.waiting import wait_until
 
 ASYNC_CHATS = 15
-SECRET = "whsec_" + base64.b64encode(b"chatbus-crash-test-secret-012345").decode()
 CONFIG = """\
 default_model = "slow"
 [chat]
@@ -46,44 +38,6 @@ model = "fake-model"
 """
 
 
-class Receiver:
-    """The callback URL: a real aiohttp server keeping every body it got."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self.arrived = asyncio.Event()
-        self.port = free_port()
-        self.runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/cb", self.callback)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-
-    async def callback(self, request: web.Request) -> web.Response:
-        self.bodies.append(orjson.loads(await request.read()))
-        self.arrived.set()
-        return web.Response()
-
-    async def wait_for(self, count: int, timeout: float) -> None:  # noqa: ASYNC109
-        async with asyncio.timeout(timeout):
-            while len(self.bodies) < count:
-                self.arrived.clear()
-                await self.arrived.wait()
-
-
-def serve(config: Path, port: int) -> subprocess.Popen[str]:
-    env = {**os.environ, "CHATBUS_CALLBACK_SECRET": SECRET}
-    command = [*CHATBUS, "--config", str(config), "serve", "--port", str(port)]
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    wait_until_listening(port, process)
-    return process
-
-
 async def checkpointed(path: Path, message_id: str, seen: str) -> None:
     """Wait until a checkpoint stored past what the client has read: the kill finds it."""
     store = SqliteStore(str(path))
@@ -102,19 +56,16 @@ async def checkpointed(path: Path, message_id: str, seen: str) -> None:
 async def test_kill_9_mid_answer_then_restart(tmp_path: Path, upstream: FakeUpstream) -> None:
     upstream.behaviour.tokens = [f"t{i} " for i in range(400)]
     upstream.behaviour.delay = 0.05  # 20 s an answer: every one is running at the kill
-    receiver = Receiver()
-    await receiver.start()
+    receiver = await Receiver().start()
     config = tmp_path / "crash.toml"
     config.write_text(CONFIG.format(receiver_port=receiver.port, upstream=upstream.base_url))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    first = serve(config, port)
+    chatbus = ChatbusProcess(config).start()
+    url = chatbus.url
     seen = ""
     try:
         async with aiohttp.ClientSession() as http:
-            callback = f"http://127.0.0.1:{receiver.port}/cb"
             for _ in range(ASYNC_CHATS):
-                body = {"query": "go", "callback_url": callback}
+                body = {"query": "go", "callback_url": receiver.url}
                 async with http.post(url + "/chat/chat", json=body) as response:
                     assert response.status == 202
             async with http.post(url + "/chat/chat", json={"query": "go", "stream": True}) as r:
@@ -125,19 +76,13 @@ async def test_kill_9_mid_answer_then_restart(tmp_path: Path, upstream: FakeUpst
                         if len(seen) > 60:  # a second of answer: checkpoints have been made
                             break
                 await checkpointed(tmp_path / "crash.db", frame["message_id"], seen)
-                first.send_signal(signal.SIGKILL)
-                first.wait(10)
+                chatbus.kill()
         assert receiver.bodies == []  # nothing ended before the kill
-        second = serve(config, port)
-        try:
-            await receiver.wait_for(ASYNC_CHATS, timeout=20)
-        finally:
-            second.send_signal(signal.SIGTERM)
-            second.wait(15)
+        chatbus.start()  # the same port and store: the next instance
+        await receiver.wait_for(ASYNC_CHATS, timeout=20)
     finally:
-        if first.poll() is None:
-            first.kill()
-        await receiver.runner.cleanup()  # type: ignore[union-attr]
+        chatbus.stop()
+        await receiver.stop()
 
     kinds = {(body["type"], body["data"]["error_type"]) for body in receiver.bodies}
     assert kinds == {("chat.failed", "interrupted")}

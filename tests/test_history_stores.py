@@ -13,7 +13,8 @@ import pytest
 
 from chatbus.testing.store_contract import StoreContract, record
 from core.history import HistoryStore
-from plugins.history_mongo.store import BUILT, MongoStore
+from plugins.history_mongo.store import MongoStore
+from plugins.history_mongo.summaries import BUILT
 from plugins.history_sqlite.store import SqliteStore
 from tests.mongo_server import MongoDatabase
 

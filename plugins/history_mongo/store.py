@@ -4,15 +4,8 @@ millisecond keep their order (BSON dates alone have millisecond resolution).
 
 A turn's end and its deliveries are one atomic step: a transaction where the deployment has
 them (a replica set or a sharded cluster, found at start-up), else the three writes of a
-held end (outbox.py). Instances' leases are documents of `<collection>_instances`.
-
-A conversation's summary (its turns, first query, first and last activity) is a document
-of `<collection>_conversations`, upserted with each turn it gains: a listing reads a page
-of it by an index, so its cost grows with the page, not with the history (an aggregation
-over the turns would group every turn of the tenant to sort by last activity). A database
-from before it gets it built from the turns at start-up, once (`BUILT` marks it done).
-Upgrade every instance together: one running older code lists from the turns and counts
-no summary."""
+held end (outbox.py). Instances' leases are documents of `<collection>_instances`, and
+conversations' summaries of `<collection>_conversations` (summaries.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +16,7 @@ from typing import Any
 
 import structlog
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
-from pymongo.errors import BulkWriteError, DuplicateKeyError, ExecutionTimeout
+from pymongo.errors import ExecutionTimeout
 
 from core.history import (
     READABLE,
@@ -39,11 +32,9 @@ from core.outbox import Delivery
 from core.providers import Usage
 from plugins.history_mongo.errors import reachable
 from plugins.history_mongo.outbox import MongoOutbox
+from plugins.history_mongo.summaries import ConversationSummaries
 
 log = structlog.get_logger("chatbus.history_mongo")
-DUPLICATE_KEY = 11000  # MongoDB's error code
-BUILD_BATCH = 1000  # summaries written at a time when building them from the turns
-BUILT = "built from the turns"  # the `_id` of the mark that the summaries were built
 LOCKED_WAIT_MS = 500  # how long a claim waits for a turn that another write holds
 FIELDS = (
     "conversation_id", "tenant", "chat_type", "query", "response", "status", "model",
@@ -65,7 +56,9 @@ class MongoStore:
         self._client = client  # pymongo.AsyncMongoClient, or a stand-in with its shape
         self._messages = client[database][collection]
         self._instances = client[database][f"{collection}_instances"]
-        self._conversations = client[database][f"{collection}_conversations"]
+        self._summaries = ConversationSummaries(
+            client[database][f"{collection}_conversations"], self._messages
+        )
         self.outbox = MongoOutbox(client[database][f"{collection}_outbox"], self._messages)
         self._transactions = transactions
         self._prepared = False
@@ -104,25 +97,7 @@ class MongoStore:
         with reachable():
             await self._messages.insert_one(document)
             if record.conversation_id:  # "" groups nothing: never listed
-                await self._count_turn(document)
-
-    async def _count_turn(self, turn: dict[str, Any]) -> None:
-        """The turn counted in its conversation's summary (created with its first turn).
-        Not in the turn's transaction: every turn of a conversation writes this one
-        document, and concurrent transactions on it abort each other, while the server
-        serialises lone updates itself. Written after the turn: a crash between leaves the
-        summary a turn short, never counting a turn that is not stored."""
-        summary = {"tenant": turn["tenant"], "conversation_id": turn["conversation_id"]}
-        change = {
-            "$inc": {"turns": 1},
-            "$setOnInsert": {"first_query": turn["query"]},
-            "$min": {"created_at": turn["created_at"]},
-            "$max": {"updated_at": turn["created_at"], "last_seq": turn["seq"]},
-        }
-        try:
-            await self._conversations.update_one(summary, change, upsert=True)
-        except DuplicateKeyError:  # two first turns at once: the other one created it
-            await self._conversations.update_one(summary, change)
+                await self._summaries.count_turn(document)
 
     async def finish_message(
         self, message_id: str, outcome: Outcome, deliveries: Sequence[Delivery] = ()
@@ -225,23 +200,8 @@ class MongoStore:
     async def conversations(
         self, tenant: str, limit: int, offset: int, after: ListingKey | None = None
     ) -> list[Conversation]:
-        if limit <= 0:
-            return []
-        query: dict[str, Any] = {"tenant": tenant}
-        if after is not None:
-            query["$or"] = [
-                {"last_seq": {"$lt": after.last_seq}},
-                {"last_seq": after.last_seq, "conversation_id": {"$lt": after.conversation_id}},
-            ]
         with reachable():
-            cursor = self._conversations.find(query, {"_id": 0})
-            cursor = cursor.sort([("last_seq", DESCENDING), ("conversation_id", DESCENDING)])
-            rows = await cursor.skip(max(offset, 0)).limit(limit).to_list(None)
-        return [
-            Conversation(row["conversation_id"], row["turns"], row["first_query"],
-                         row["created_at"], row["updated_at"], row["last_seq"])
-            for row in rows
-        ]  # fmt: skip
+            return await self._summaries.page(tenant, limit, offset, after)
 
     async def messages(
         self, tenant: str, conversation_id: str, limit: int, offset: int
@@ -260,7 +220,7 @@ class MongoStore:
         scope = {"tenant": tenant, "conversation_id": conversation_id}
         with reachable():
             result = await self._messages.delete_many(scope)
-            await self._conversations.delete_one(scope)
+            await self._summaries.forget(scope)
         return int(result.deleted_count)
 
     async def save_partial(self, message_id: str, response: str) -> None:
@@ -338,69 +298,12 @@ class MongoStore:
                 name="by_conversation",
             )
             await self._messages.create_index([("status", ASCENDING)], name="by_status")
-            await self._prepare_conversations()
+            await self._summaries.prepare()
             await self.outbox.create_indexes()
             if self._transactions is None:
                 self._transactions = await self._has_transactions()
         self._prepared = True  # message ids are `_id`: indexed, and unique, by MongoDB itself
         log.info("MongoDB store ready", transactions=self._transactions)
-
-    async def _prepare_conversations(self) -> None:
-        """The summaries' indexes; built from the turns unless that was done (a database
-        from before them: once, and again after a crash during the build)."""
-        await self._conversations.create_index(
-            [("tenant", ASCENDING), ("conversation_id", ASCENDING)],
-            name="by_conversation", unique=True,
-        )  # fmt: skip
-        await self._conversations.create_index(
-            [("tenant", ASCENDING), ("last_seq", DESCENDING), ("conversation_id", DESCENDING)],
-            name="by_activity",
-        )
-        if await self._conversations.find_one({"_id": BUILT}) is None:
-            await self._build_conversations()
-
-    async def _build_conversations(self) -> None:
-        """Each conversation's summary, counted from its turns; one that exists is kept (an
-        instance counting live turns, or a build that a crash cut short, wrote it)."""
-        pipeline = [
-            {"$match": {"conversation_id": {"$ne": ""}}},
-            {"$sort": {"seq": ASCENDING}},
-            {
-                "$group": {
-                    "_id": {"tenant": "$tenant", "conversation_id": "$conversation_id"},
-                    "turns": {"$sum": 1},
-                    "first_query": {"$first": "$query"},
-                    "created_at": {"$min": "$created_at"},
-                    "updated_at": {"$max": "$created_at"},
-                    "last_seq": {"$max": "$seq"},
-                }
-            },
-        ]
-        cursor = self._messages.aggregate(pipeline, allowDiskUse=True)
-        if inspect.isawaitable(cursor):  # PyMongo's async API awaits it
-            cursor = await cursor
-        built, batch = 0, []
-        async for row in cursor:
-            batch.append({**row.pop("_id"), **row})
-            if len(batch) == BUILD_BATCH:
-                built += await self._insert_new_summaries(batch)
-                batch = []
-        built += await self._insert_new_summaries(batch)
-        # Marked built: no tenant, so never listed (and alone without one in the index).
-        await self._conversations.update_one({"_id": BUILT}, {"$set": {"at": time.time()}},
-                                             upsert=True)  # fmt: skip
-        if built:
-            log.info("MongoDB conversations built from the turns", conversations=built)
-
-    async def _insert_new_summaries(self, summaries: list[dict[str, Any]]) -> int:
-        if not summaries:
-            return 0
-        try:
-            await self._conversations.insert_many(summaries, ordered=False)
-        except BulkWriteError as exc:  # some exist already: kept
-            if any(error["code"] != DUPLICATE_KEY for error in exc.details["writeErrors"]):
-                raise
-        return len(summaries)
 
     async def _has_transactions(self) -> bool:
         """A replica set member (`setName`) or a mongos (`isdbgrid`) with sessions runs

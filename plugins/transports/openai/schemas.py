@@ -13,10 +13,7 @@ from pydantic import (
     model_validator,
 )
 
-from core.providers import (
-    GenerationParams,
-    Message,
-)
+from core.providers import TYPED_PARAMS, GenerationParams, Message
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Content parts a provider may take besides text (OpenAI's names), and the key each needs.
@@ -176,22 +173,11 @@ class CompletionRequest(BaseModel):
         return value
 
     def params(self) -> GenerationParams:
-        max_tokens = (
-            self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
-        )
-        return GenerationParams(
-            temperature=self.temperature,
-            max_tokens=max_tokens if max_tokens is not None and max_tokens > 0 else None,
-            top_p=self.top_p,
-            stop=self.stop,
-            seed=self.seed,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            logit_bias=self.logit_bias,
-            tools=self.tools,
-            tool_choice=self.tool_choice,
-            parallel_tool_calls=self.parallel_tool_calls,
-            response_format=self.response_format,
-            user=self.user,
-            extra=self.model_extra or {},
-        )
+        """The generation parameters, by GenerationParams' own names (each typed one is a
+        field here); max_completion_tokens, OpenAI's newer name, wins over max_tokens."""
+        given = {name: getattr(self, name) for name in TYPED_PARAMS}
+        if self.max_completion_tokens is not None:
+            given["max_tokens"] = self.max_completion_tokens
+        if given["max_tokens"] is not None and given["max_tokens"] <= 0:
+            given["max_tokens"] = None
+        return GenerationParams(**given, extra=self.model_extra or {})
